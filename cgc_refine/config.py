@@ -1,0 +1,167 @@
+"""Training and inference settings of the refiner, as one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import CGCRefineError
+
+__all__ = ["RefinerConfig", "ConfigError"]
+
+
+class ConfigError(CGCRefineError, ValueError):
+    """A refiner setting is out of range."""
+
+
+def _triple(value: Any, name: str) -> tuple[int, int, int]:
+    try:
+        triple = tuple(int(v) for v in value)
+    except TypeError:
+        raise ConfigError(f"{name} must be three integers, got {value!r}") from None
+    if len(triple) != 3 or min(triple) < 1:
+        raise ConfigError(f"{name} must be three positive integers, got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Settings of the CGC refiner (defaults follow the paper, section 4.3).
+
+    Attributes
+    ----------
+    channels : tuple of int
+        U-Net widths per level; ``len(channels) - 1`` down-samplings (3 by default, so a
+        192x192x64 crop has a 24x24x8 bottleneck).
+    norm : str
+        Normalisation layer: ``"instance"``, ``"group"`` or ``"batch"``.
+    use_coarse, use_fine : bool
+        The two CGC paths (switch off for the ablations; both off = backbone + prior).
+    patch_size : tuple of int
+        Mini-patch size at the bottleneck for the fine path (paper: 6x6x4).
+    proj_dim : int
+        Embedding size of the fine path's projection head.
+    temperature : float
+        Contrastive temperature tau of equation 6 (paper: 0.2).
+    lambda_cg, lambda_fg : float
+        Weights of the coarse and fine losses in equation 8 (paper: 1, 1).
+    crop_size : tuple of int
+        Training crop (paper: 192x192x64); clipped to each volume and rounded down to a
+        multiple of ``2 ** (len(channels) - 1)``.
+    batch_size : int
+        Crops per step (paper: 2).
+    learning_rate : float
+        Adam learning rate (paper: 1e-4).
+    iterations : int
+        Optimiser steps.
+    foreground_oversampling : float
+        Probability that a crop is centred on a voxel where the *prior* is >= 0.5 (otherwise
+        the centre is uniform in the brain); no ground truth is involved.
+    overlap : float
+        Sliding-window overlap at inference.
+    sw_batch_size : int
+        Windows per inference batch.
+    threshold : float
+        Probability threshold of the refined mask.
+    min_size_mm3 : float
+        Remove connected components smaller than this (0: keep all).
+    amp : bool
+        bf16 autocast on CUDA (ignored on CPU).
+    compile : bool
+        ``torch.compile`` the network for training (CUDA).
+    log_every : int
+        Iterations between progress log lines.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    norm: str = "instance"
+    use_coarse: bool = True
+    use_fine: bool = True
+    patch_size: tuple[int, int, int] = (6, 6, 4)
+    proj_dim: int = 128
+    temperature: float = 0.2
+    lambda_cg: float = 1.0
+    lambda_fg: float = 1.0
+    crop_size: tuple[int, int, int] = (192, 192, 64)
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    iterations: int = 2000
+    foreground_oversampling: float = 0.5
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    threshold: float = 0.5
+    min_size_mm3: float = 0.0
+    amp: bool = True
+    compile: bool = False
+    log_every: int = 50
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> "RefinerConfig":
+        """A reduced configuration that trains in minutes on a CPU.
+
+        Narrower network (8-16-32-64), 96x96x32 crops and 150 iterations at a higher
+        learning rate (1e-3, to make up for the fewer steps); the CGC settings are the
+        paper's.
+        """
+        base = dict(
+            channels=(8, 16, 32, 64), crop_size=(96, 96, 32), iterations=150,
+            learning_rate=1e-3, sw_batch_size=1, log_every=25,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def validate(self) -> "RefinerConfig":
+        """Check every field; return a normalised copy (tuples, ints, floats).
+
+        Raises
+        ------
+        ConfigError
+            With the offending field and the accepted range.
+        """
+        channels = tuple(int(c) for c in self.channels)
+        if len(channels) < 2 or min(channels) < 1:
+            raise ConfigError(f"channels must hold at least two positive widths, got {self.channels!r}")
+        if self.norm not in ("instance", "group", "batch"):
+            raise ConfigError(f"norm must be instance, group or batch, got {self.norm!r}")
+        if not 0.0 < float(self.temperature) <= 10.0:
+            raise ConfigError(f"temperature must be in (0, 10], got {self.temperature!r}")
+        for name in ("lambda_cg", "lambda_fg", "min_size_mm3"):
+            if float(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("batch_size", "iterations", "proj_dim", "sw_batch_size", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 < float(self.learning_rate) < 1.0:
+            raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
+        if not 0.0 <= float(self.foreground_oversampling) <= 1.0:
+            raise ConfigError("foreground_oversampling must be in [0, 1]")
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold!r}")
+        return dataclasses.replace(
+            self,
+            channels=channels,
+            patch_size=_triple(self.patch_size, "patch_size"),
+            crop_size=_triple(self.crop_size, "crop_size"),
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Total down-sampling of the U-Net (``2 ** (len(channels) - 1)``)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dictionary (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RefinerConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown refiner settings {sorted(unknown)}")
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**converted).validate()

@@ -1,0 +1,375 @@
+"""Adapters: every prior source becomes one :class:`~cgc_refine.priors.base.ProbabilityMap`.
+
+The refiner learns from a soft foreground probability. Existing tools hand out many other
+things -- a binary mask, a label map, a network's logits, or the anomaly/residual scores of a
+VAE or another anomaly detector. Each adapter below maps one such kind to [0, 1] with a
+documented, label-free rule; :func:`as_probability_map` dispatches on ``kind`` and, with
+``kind="auto"``, infers the kind from the values and logs what it inferred.
+
+========== ============================================================================
+kind       rule
+========== ============================================================================
+probability validated; values within ``tolerance`` of [0, 1] are clipped
+mask       {0, 1} -> {0, 1}; optionally softened by a Gaussian of ``sigma_mm`` and/or a
+           label-smoothing ``confidence``
+labels     chosen labels (default: every non-zero label) -> 1, others -> 0
+logits     ``sigmoid(x / temperature)``
+scores     anomaly or residual scores, mapped label-free inside the brain:
+           ``"mixture"`` (default) -- posterior of the higher-mean component of a
+           two-component Gaussian mixture fitted to the scores;
+           ``"robust"`` -- ``sigmoid(slope * (z - centre))`` with ``z`` the robust z-score
+           ``(s - median) / (1.4826 MAD)``; ``centre=3`` puts p = 0.5 three robust standard
+           deviations above the median and ``slope=ln 9`` gives p = 0.9 one deviation later
+========== ============================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ..exceptions import InvalidPriorError
+from .base import ProbabilityMap
+
+__all__ = [
+    "ADAPTER_KINDS",
+    "as_probability_map",
+    "check_prior_informative",
+    "from_labels",
+    "from_logits",
+    "from_mask",
+    "from_probability",
+    "from_scores",
+    "infer_prior_kind",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Kinds accepted by :func:`as_probability_map` (besides ``"auto"``).
+ADAPTER_KINDS = ("probability", "mask", "labels", "logits", "scores")
+
+
+def _as_float_3d(data: Any, what: str) -> np.ndarray:
+    array = np.asarray(data)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InvalidPriorError(f"the {what} must be a 3-D volume, got shape {array.shape}")
+    array = array.astype(np.float32, copy=False)
+    n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if n_bad:
+        raise InvalidPriorError(
+            f"the {what} holds {n_bad} NaN/Inf values; fill them (e.g. with 0) before using it "
+            "as a prior"
+        )
+    return array
+
+
+def from_probability(
+    data: Any, affine: np.ndarray | None = None, *, tolerance: float = 1e-3
+) -> ProbabilityMap:
+    """Validate a probability map.
+
+    Parameters
+    ----------
+    data : array_like
+        3-D foreground probabilities.
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix.
+    tolerance : float
+        Values within this distance outside [0, 1] (interpolation or rounding overshoot)
+        are clipped; values further out are an error.
+
+    Raises
+    ------
+    InvalidPriorError
+        For NaN/Inf or values outside ``[-tolerance, 1 + tolerance]``.
+    """
+    array = _as_float_3d(data, "probability map")
+    low, high = float(array.min()), float(array.max())
+    if low < -tolerance or high > 1.0 + tolerance:
+        raise InvalidPriorError(
+            f"a probability prior must lie in [0, 1] but spans [{low:.4g}, {high:.4g}]; if it "
+            "holds anomaly scores or logits, pass kind='scores' or kind='logits'"
+        )
+    return ProbabilityMap(np.clip(array, 0.0, 1.0), affine, "probability", {"tolerance": tolerance})
+
+
+def from_mask(
+    data: Any,
+    affine: np.ndarray | None = None,
+    *,
+    sigma_mm: float = 0.0,
+    spacing: Sequence[float] | None = None,
+    confidence: float = 1.0,
+) -> ProbabilityMap:
+    """Turn a binary mask into a (optionally softened) probability map.
+
+    Parameters
+    ----------
+    data : array_like
+        3-D mask with values in {0, 1} (booleans and float masks such as 0.99999997 are
+        read as ``> 0.5``).
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix.
+    sigma_mm : float
+        Standard deviation, in mm, of a Gaussian blur that softens the mask border
+        (0: no blur).
+    spacing : sequence of float, optional
+        Voxel size in mm, needed to convert ``sigma_mm`` to voxels (default 1 mm).
+    confidence : float
+        Label smoothing in (0.5, 1]: inside becomes ``confidence``, outside
+        ``1 - confidence``.
+    """
+    array = _as_float_3d(data, "mask")
+    if np.any((array > 0.01) & (array < 0.99)) or array.min() < -0.01 or array.max() > 1.01:
+        raise InvalidPriorError(
+            "a mask prior must hold only 0 and 1; for several labels use kind='labels', "
+            "for soft values kind='probability'"
+        )
+    if not 0.5 < confidence <= 1.0:
+        raise InvalidPriorError(f"confidence must be in (0.5, 1], got {confidence}")
+    if sigma_mm < 0:
+        raise InvalidPriorError(f"sigma_mm must be >= 0, got {sigma_mm}")
+    probability = (array > 0.5).astype(np.float32)
+    if sigma_mm > 0:
+        voxel = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), dtype=np.float64)
+        probability = ndimage.gaussian_filter(probability, sigma=sigma_mm / voxel, mode="nearest")
+    if confidence < 1.0:
+        probability = (1.0 - confidence) + (2.0 * confidence - 1.0) * probability
+    params = {"sigma_mm": sigma_mm, "confidence": confidence}
+    return ProbabilityMap(np.clip(probability, 0.0, 1.0).astype(np.float32), affine, "mask", params)
+
+
+def from_labels(
+    data: Any, affine: np.ndarray | None = None, *, labels: Sequence[int] | None = None
+) -> ProbabilityMap:
+    """Select labels of an integer label map as the foreground.
+
+    Parameters
+    ----------
+    data : array_like
+        3-D integer-valued label map.
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix.
+    labels : sequence of int, optional
+        Labels that count as lesion; default every non-zero label (e.g. BraTS whole
+        tumour = labels 1, 2, 3, 4).
+    """
+    array = _as_float_3d(data, "label map")
+    if not np.all(array == np.round(array)):
+        raise InvalidPriorError(
+            "a label map must hold integers; for soft values use kind='probability' or 'scores'"
+        )
+    present = np.unique(array).astype(np.int64)
+    if labels is None:
+        chosen = [int(v) for v in present if v != 0]
+    else:
+        chosen = [int(v) for v in labels]
+        missing = sorted(set(chosen) - set(present.tolist()))
+        if missing:
+            logger.warning("labels %s are not present in the label map (present: %s)", missing, present.tolist())
+    probability = np.isin(array.astype(np.int64), chosen).astype(np.float32)
+    return ProbabilityMap(probability, affine, "labels", {"labels": chosen})
+
+
+def from_logits(
+    data: Any, affine: np.ndarray | None = None, *, temperature: float = 1.0
+) -> ProbabilityMap:
+    """Map logits through a (temperature-scaled) sigmoid.
+
+    Parameters
+    ----------
+    data : array_like
+        3-D logits (log-odds of lesion).
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix.
+    temperature : float
+        Positive divisor of the logits before the sigmoid (> 1 softens).
+    """
+    if temperature <= 0:
+        raise InvalidPriorError(f"temperature must be positive, got {temperature}")
+    array = _as_float_3d(data, "logit map")
+    probability = 0.5 * (1.0 + np.tanh(0.5 * array.astype(np.float64) / temperature))
+    return ProbabilityMap(probability.astype(np.float32), affine, "logits", {"temperature": temperature})
+
+
+def from_scores(
+    data: Any,
+    affine: np.ndarray | None = None,
+    *,
+    brain_mask: np.ndarray | None = None,
+    method: str = "mixture",
+    centre: float = 3.0,
+    slope: float = float(np.log(9.0)),
+) -> ProbabilityMap:
+    """Map anomaly or residual scores (higher = more abnormal) to [0, 1], label-free.
+
+    Parameters
+    ----------
+    data : array_like
+        3-D anomaly scores (a VAE residual, an anomaly detector's output, a z-score map).
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix.
+    brain_mask : numpy.ndarray, optional
+        Voxels whose scores define "normal"; default the voxels with a non-zero score (or
+        every voxel when none is zero). The output is 0 outside it.
+    method : {"mixture", "robust"}
+        ``"mixture"``: posterior of the higher-mean component of a two-component Gaussian
+        mixture on the scores inside the mask (fitted by histogram EM). ``"robust"``:
+        ``sigmoid(slope * (z - centre))`` with the robust z-score
+        ``z = (s - median) / (1.4826 * MAD)``.
+    centre, slope : float
+        Parameters of the ``"robust"`` rule (default: p = 0.5 at z = 3 and p = 0.9 at z = 4).
+    """
+    from .gmm import fit_histogram_gmm, intensity_histogram
+
+    array = _as_float_3d(data, "score map")
+    if brain_mask is None:
+        mask = array != 0
+        if not mask.any() or mask.all():
+            mask = np.ones(array.shape, dtype=bool)
+    else:
+        mask = np.asarray(brain_mask, dtype=bool)
+        if mask.shape != array.shape:
+            raise InvalidPriorError(f"brain mask shape {mask.shape} differs from score map {array.shape}")
+    values = array[mask]
+    if values.size == 0 or float(values.max()) <= float(values.min()):
+        raise InvalidPriorError(
+            "the score map is constant inside the brain: there is nothing to separate; "
+            "check the anomaly detector's output"
+        )
+    probability = np.zeros(array.shape, dtype=np.float32)
+    if method == "mixture":
+        centres, counts = intensity_histogram(values, 1024)
+        model = fit_histogram_gmm(centres, counts, 2)
+        probability[mask] = model.posterior(values)[:, 1]
+        params: dict[str, Any] = {
+            "method": method,
+            "means": model.means.tolist(),
+            "variances": model.variances.tolist(),
+            "weights": model.weights.tolist(),
+        }
+    elif method == "robust":
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median))) * 1.4826
+        if mad <= 0:
+            mad = float(values.std())
+        z = (values.astype(np.float64) - median) / mad
+        probability[mask] = 0.5 * (1.0 + np.tanh(0.5 * slope * (z - centre)))
+        params = {"method": method, "median": median, "scale": mad, "centre": centre, "slope": slope}
+    else:
+        raise InvalidPriorError(f"method must be 'mixture' or 'robust', got {method!r}")
+    return ProbabilityMap(probability, affine, "scores", params)
+
+
+def infer_prior_kind(data: Any) -> str:
+    """Guess which adapter a prior array needs.
+
+    Rules, in order: only 0 and 1 -> ``"mask"``; integers with a maximum above 1 and at most
+    255 distinct non-negative values -> ``"labels"``; values in [0, 1] -> ``"probability"``;
+    a median below -2 (most voxels confidently background, as a network's logits are)
+    -> ``"logits"``; anything else -> ``"scores"``.
+    """
+    array = np.asarray(data)
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    if not np.all(np.isfinite(sample)):
+        raise InvalidPriorError("the prior holds NaN/Inf values; fill them before using it")
+    values = np.unique(sample)
+    if values.size <= 2 and set(values.tolist()) <= {0.0, 1.0}:
+        return "mask"
+    integer = bool(np.all(values == np.round(values)))
+    if integer and values.min() >= 0 and values.max() > 1 and values.size <= 256:
+        return "labels"
+    if values.min() >= 0.0 and values.max() <= 1.0:
+        return "probability"
+    if float(np.median(sample)) < -2.0:
+        return "logits"
+    return "scores"
+
+
+def check_prior_informative(prior: ProbabilityMap, brain_mask: np.ndarray | None = None) -> None:
+    """Refuse a prior that cannot teach a segmentation: no foreground, or all foreground.
+
+    Raises
+    ------
+    InvalidPriorError
+        When no voxel inside the brain reaches 0.5 (empty prior) or every voxel does
+        (full prior).
+    """
+    values = prior.data if brain_mask is None else prior.data[np.asarray(brain_mask, bool)]
+    if values.size == 0 or float(values.max()) < 0.5:
+        raise InvalidPriorError(
+            "the prior is empty (no voxel reaches probability 0.5 inside the brain): there is "
+            "no lesion to refine; check the prior file or choose another prior (e.g. gmm)"
+        )
+    if float(values.min()) >= 0.5:
+        raise InvalidPriorError(
+            "the prior marks every brain voxel as lesion (all >= 0.5): it cannot separate "
+            "lesion from tissue; check the prior file and the --prior-kind"
+        )
+
+
+def as_probability_map(
+    prior: Any,
+    affine: np.ndarray | None = None,
+    *,
+    kind: str = "auto",
+    brain_mask: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
+    reference: Any = None,
+    **options: Any,
+) -> ProbabilityMap:
+    """Convert any prior source into a :class:`ProbabilityMap`.
+
+    Parameters
+    ----------
+    prior : ProbabilityMap, array_like or path
+        The prior. A path is read with :func:`cgc_refine.io.load_array` (and checked against
+        ``reference``'s grid when given); a :class:`ProbabilityMap` is returned unchanged.
+    affine : numpy.ndarray, optional
+        Voxel-to-world matrix of an array prior.
+    kind : {"auto", "probability", "mask", "labels", "logits", "scores"}
+        Which adapter to apply; ``"auto"`` uses :func:`infer_prior_kind` and logs the result.
+    brain_mask : numpy.ndarray, optional
+        Passed to the ``scores`` adapter.
+    spacing : sequence of float, optional
+        Passed to the ``mask`` adapter (for ``sigma_mm``).
+    reference : Volume, optional
+        Image whose grid a path prior must share.
+    **options
+        Adapter options (``tolerance``, ``sigma_mm``, ``confidence``, ``labels``,
+        ``temperature``, ``method``, ``centre``, ``slope``).
+    """
+    if isinstance(prior, ProbabilityMap):
+        return prior
+    if isinstance(prior, (str, os.PathLike)):
+        from ..io import load_array
+
+        array, affine = load_array(prior, reference=reference, name="prior")
+        if spacing is None and reference is not None:
+            spacing = getattr(reference, "spacing", None)
+    else:
+        array = np.asarray(prior)
+    if kind == "auto":
+        kind = infer_prior_kind(array)
+        logger.info("prior kind inferred from its values: %s", kind)
+    if kind == "probability":
+        result = from_probability(array, affine, **options)
+    elif kind == "mask":
+        result = from_mask(array, affine, spacing=spacing, **options)
+    elif kind == "labels":
+        result = from_labels(array, affine, **options)
+    elif kind == "logits":
+        result = from_logits(array, affine, **options)
+    elif kind == "scores":
+        result = from_scores(array, affine, brain_mask=brain_mask, **options)
+    else:
+        raise InvalidPriorError(
+            f"unknown prior kind {kind!r}; choose one of auto, {', '.join(ADAPTER_KINDS)}"
+        )
+    return result

@@ -1,0 +1,177 @@
+"""The common prior format: a foreground probability map on the image grid.
+
+Every prior source the toolkit understands -- its own GMM and Mumford-Shah priors, a binary
+mask, a label map, logits, or the anomaly scores of an external detector -- ends up as one
+:class:`ProbabilityMap`. The refiner only ever sees this type, so a new prior source needs
+nothing but an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import InvalidPriorError
+
+__all__ = ["ProbabilityMap", "PRIOR_KINDS", "PriorInput", "prepare_prior_input"]
+
+#: Source kinds a :class:`ProbabilityMap` may record.
+PRIOR_KINDS = ("probability", "mask", "labels", "logits", "scores", "gmm", "mumford-shah")
+
+
+@dataclass(frozen=True)
+class ProbabilityMap:
+    """A soft pseudo-label: per-voxel foreground (lesion) probability.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Three-dimensional float32 array with values in [0, 1], on the image's voxel grid.
+    affine : numpy.ndarray or None
+        The (4, 4) voxel-to-world matrix of that grid, when known.
+    source : str
+        Where the map came from, one of :data:`PRIOR_KINDS`.
+    params : dict
+        The parameters that produced it (adapter options, mixture settings, fitted values),
+        JSON-serialisable, kept for provenance in sidecars and checkpoints.
+
+    Raises
+    ------
+    InvalidPriorError
+        If the array is not 3-D, holds NaN/Inf, or leaves [0, 1].
+    """
+
+    data: np.ndarray
+    affine: np.ndarray | None = None
+    source: str = "probability"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        data = np.asarray(self.data)
+        if data.ndim != 3:
+            raise InvalidPriorError(
+                f"a probability map must be 3-D, got shape {data.shape}; "
+                "pass one volume per subject"
+            )
+        if not np.issubdtype(data.dtype, np.floating) or data.dtype != np.float32:
+            data = data.astype(np.float32)
+        if not np.all(np.isfinite(data)):
+            raise InvalidPriorError(
+                f"the probability map holds {int(np.size(data) - np.isfinite(data).sum())} "
+                "NaN/Inf values; fix the prior or convert it with the matching adapter"
+            )
+        low, high = float(data.min()), float(data.max())
+        if low < 0.0 or high > 1.0:
+            raise InvalidPriorError(
+                f"probability values must lie in [0, 1], found [{low:.4g}, {high:.4g}]; "
+                "if these are scores or logits, say so with kind='scores' or kind='logits'"
+            )
+        if self.source not in PRIOR_KINDS:
+            raise InvalidPriorError(
+                f"unknown prior source {self.source!r}; expected one of {PRIOR_KINDS}"
+            )
+        affine = None if self.affine is None else np.asarray(self.affine, dtype=np.float64)
+        if affine is not None and affine.shape != (4, 4):
+            raise InvalidPriorError(f"affine must be 4x4, got shape {affine.shape}")
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "affine", affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the map."""
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    def foreground_fraction(self, brain_mask: np.ndarray | None = None) -> float:
+        """Expected foreground fraction (mean probability), optionally inside a mask."""
+        values = self.data if brain_mask is None else self.data[np.asarray(brain_mask, bool)]
+        return float(values.mean()) if values.size else 0.0
+
+
+@dataclass(frozen=True)
+class PriorInput:
+    """What a built-in prior works on: normalised channels, the brain mask and the geometry.
+
+    Attributes
+    ----------
+    channels : numpy.ndarray
+        float32 (C, X, Y, Z); MRI channels robustly standardised inside the brain, a CT
+        channel windowed to [0, 1] (brain window).
+    brain_mask : numpy.ndarray
+        Boolean (X, Y, Z).
+    spacing : tuple of float
+        Voxel size in mm.
+    affine : numpy.ndarray or None
+        Voxel-to-world matrix.
+    """
+
+    channels: np.ndarray
+    brain_mask: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray | None
+
+
+def prepare_prior_input(
+    volume: Any,
+    brain_mask: np.ndarray | None = None,
+    modality: str = "mri",
+) -> PriorInput:
+    """Turn a volume (a :class:`cgc_refine.io.Volume` or an array) into a :class:`PriorInput`.
+
+    Parameters
+    ----------
+    volume : Volume or numpy.ndarray
+        A loaded volume (anything with ``data``, ``affine`` and ``spacing``) or a 3-D /
+        channel-first 4-D array (unit spacing, no affine).
+    brain_mask : numpy.ndarray, optional
+        Boolean mask on the image grid; derived from the image when omitted
+        (:func:`cgc_refine.brain.derive_brain_mask`).
+    modality : {"mri", "ct"}
+        For ``"ct"`` channel 0 is in Hounsfield units and is mapped through the brain window.
+
+    Returns
+    -------
+    PriorInput
+    """
+    from ..brain import ct_window, derive_brain_mask, robust_normalise
+
+    if hasattr(volume, "data") and hasattr(volume, "affine"):
+        data = np.asarray(volume.data, dtype=np.float32)
+        affine = np.asarray(volume.affine, dtype=np.float64)
+        spacing = tuple(float(s) for s in getattr(volume, "spacing", (1.0, 1.0, 1.0)))
+    else:
+        data = np.asarray(volume, dtype=np.float32)
+        affine = None
+        spacing = (1.0, 1.0, 1.0)
+    if data.ndim == 3:
+        data = data[None]
+    if data.ndim != 4:
+        from ..exceptions import InvalidImageError
+
+        raise InvalidImageError(
+            f"expected a 3-D volume or (C, X, Y, Z) channels, got shape {data.shape}"
+        )
+    if brain_mask is None:
+        mask = derive_brain_mask(data, modality=modality)  # type: ignore[arg-type]
+    else:
+        mask = np.asarray(brain_mask, dtype=bool)
+        if mask.shape != data.shape[1:]:
+            from ..exceptions import SpaceMismatchError
+
+            raise SpaceMismatchError(
+                f"brain mask shape {mask.shape} differs from image shape {data.shape[1:]}; "
+                "pass a mask on the image grid"
+            )
+        if not mask.any():
+            from ..exceptions import EmptyMaskError
+
+            raise EmptyMaskError("the brain mask is empty; pass a mask that covers the brain")
+    if modality == "ct":
+        windowed = ct_window(data[0])
+        rest = robust_normalise(data[1:], mask) if data.shape[0] > 1 else None
+        channels = windowed[None] if rest is None else np.concatenate([windowed[None], rest])
+        channels[:, ~mask] = 0.0
+    else:
+        channels = robust_normalise(data, mask)
+    return PriorInput(channels=channels, brain_mask=mask, spacing=spacing, affine=affine)  # type: ignore[arg-type]

@@ -1,0 +1,537 @@
+"""The refiner: an sklearn-style estimator that turns a prior into a refined lesion mask.
+
+``Refiner(prior).fit(volumes)`` computes (or adapts) one prior per volume, trains the CGC
+U-Net against those pseudo-labels (no ground truth anywhere), and ``predict_proba`` /
+``predict`` segment any volume with the trained network by sliding-window inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from ._version import __version__
+from .config import ConfigError, RefinerConfig
+from .device import resolve_device, seed_everything
+from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError, OutputExistsError
+from .inference import sliding_window_predict
+from .postprocess import remove_small_components
+from .priors import GMMPrior, MumfordShahPrior, ProbabilityMap, as_probability_map, check_prior_informative
+from .training import (
+    CropSampler,
+    PreparedSubject,
+    build_network,
+    effective_crop_size,
+    prepare_subject,
+    train_network,
+)
+
+__all__ = ["Refiner", "CHECKPOINT_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the checkpoint layout written by :meth:`Refiner.save`.
+CHECKPOINT_FORMAT = 1
+
+
+def _load(volume: Any) -> Any:
+    """A Volume from a path / paths / Volume / array / (array, affine) pair."""
+    from .io import Volume, load_volume
+
+    if isinstance(volume, Volume):
+        return volume
+    if isinstance(volume, (str, os.PathLike)):
+        return load_volume(volume)
+    if isinstance(volume, (list, tuple)) and volume and all(isinstance(v, (str, os.PathLike)) for v in volume):
+        return load_volume(list(volume))
+    if isinstance(volume, tuple) and len(volume) == 2:
+        data, affine = volume
+        return Volume.from_array(np.asarray(data), affine=np.asarray(affine))
+    if isinstance(volume, np.ndarray):
+        return Volume.from_array(volume)
+    raise InvalidImageError(
+        f"cannot read a volume from {type(volume).__name__}; pass a path, a list of paths "
+        "(modalities), a cgc_refine.io.Volume, an array, or an (array, affine) pair"
+    )
+
+
+def _load_mask(mask: Any, volume: Any) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        from .io import load_mask
+
+        return load_mask(mask, reference=volume)
+    array = np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
+    if array.shape != tuple(volume.shape):
+        from .exceptions import SpaceMismatchError
+
+        raise SpaceMismatchError(f"brain mask shape {array.shape} differs from image shape {tuple(volume.shape)}")
+    return array
+
+
+class Refiner(BaseEstimator):
+    """Refine an unsupervised lesion prior with a CGC-regularised 3D U-Net.
+
+    Parameters
+    ----------
+    prior : str, prior object, or sequence of maps/paths
+        ``"gmm"`` / ``"mumford-shah"`` or a built-in prior object (anything with
+        ``compute(volume, brain_mask)``), applied to every volume; or one external prior per
+        volume (paths, arrays or :class:`~cgc_refine.priors.ProbabilityMap`), converted by
+        :func:`~cgc_refine.priors.as_probability_map` with ``prior_kind``.
+    config : RefinerConfig, optional
+        Network, loss and training settings (default: the paper's, see
+        :class:`~cgc_refine.config.RefinerConfig`; ``RefinerConfig.fast()`` for CPUs).
+    prior_kind : str
+        Kind of external priors (``"auto"``, ``"probability"``, ``"mask"``, ``"labels"``,
+        ``"logits"``, ``"scores"``).
+    modality : {"mri", "ct"}
+        Intensity handling: robust standardisation for MRI; the brain window for CT.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    random_state : int
+        Seed of weights, crops and flips; equal seeds give equal results on the CPU.
+    callback : callable, optional
+        Called after every training step with a dict of loss values (progress bars).
+
+    Attributes
+    ----------
+    network_ : CGCUNet
+        The trained network (eval mode).
+    config_ : RefinerConfig
+        The validated configuration.
+    device_ : torch.device
+        Where the network lives.
+    n_channels_in_ : int
+        Number of image channels the network expects.
+    crop_size_ : tuple of int
+        Training crop and inference window.
+    history_ : list of dict
+        Loss components logged during training.
+    priors_ : list of dict
+        Provenance of the training priors (source kind and parameters).
+    n_iter_ : int
+        Training iterations done.
+
+    Examples
+    --------
+    >>> refiner = Refiner("gmm", config=RefinerConfig.fast()).fit(["flair.nii.gz"])  # doctest: +SKIP
+    >>> mask = refiner.predict("flair.nii.gz")                                        # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        prior: Any = "gmm",
+        *,
+        config: RefinerConfig | None = None,
+        prior_kind: str = "auto",
+        modality: str = "mri",
+        device: str = "auto",
+        random_state: int = 0,
+        callback: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.prior = prior
+        self.config = config
+        self.prior_kind = prior_kind
+        self.modality = modality
+        self.device = device
+        self.random_state = random_state
+        self.callback = callback
+
+    # ------------------------------------------------------------------ priors
+    def _builtin_prior(self) -> Any | None:
+        if isinstance(self.prior, str):
+            if self.prior == "gmm":
+                return GMMPrior(modality=self.modality)
+            if self.prior == "mumford-shah":
+                return MumfordShahPrior(modality=self.modality)
+            raise InvalidPriorError(
+                f"unknown built-in prior {self.prior!r}; use 'gmm', 'mumford-shah', a prior "
+                "object, or one prior map per volume"
+            )
+        if hasattr(self.prior, "compute"):
+            return self.prior
+        return None
+
+    def compute_priors(
+        self, volumes: Sequence[Any], brain_masks: Sequence[Any] | None = None
+    ) -> list[ProbabilityMap]:
+        """The prior of every volume, as probability maps (what :meth:`fit` trains on)."""
+        loaded = [_load(v) for v in volumes]
+        masks = [None] * len(loaded) if brain_masks is None else list(brain_masks)
+        return [p for p, _ in self._priors(loaded, [_load_mask(m, v) for m, v in zip(masks, loaded)])]
+
+    def _priors(self, volumes: list[Any], masks: list[np.ndarray | None]) -> list[tuple[ProbabilityMap, np.ndarray | None]]:
+        builtin = self._builtin_prior()
+        if builtin is not None:
+            return [(builtin.compute(v, m), m) for v, m in zip(volumes, masks)]
+        external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
+        if len(external) != len(volumes):
+            raise InvalidPriorError(
+                f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
+            )
+        results = []
+        for prior, volume, mask in zip(external, volumes, masks):
+            if isinstance(prior, (str, os.PathLike)):
+                prob = as_probability_map(prior, kind=self.prior_kind, brain_mask=mask, reference=volume)
+            else:
+                prob = as_probability_map(prior, volume.affine, kind=self.prior_kind, brain_mask=mask,
+                                          spacing=volume.spacing)
+            if prob.shape != tuple(volume.shape):
+                from .exceptions import SpaceMismatchError
+
+                raise SpaceMismatchError(
+                    f"prior shape {prob.shape} differs from image shape {tuple(volume.shape)}; "
+                    "resample the prior onto the image grid"
+                )
+            results.append((prob, mask))
+        return results
+
+    # --------------------------------------------------------------------- fit
+    def _validated(self) -> RefinerConfig:
+        config = RefinerConfig() if self.config is None else self.config
+        if not isinstance(config, RefinerConfig):
+            raise ConfigError(f"config must be a RefinerConfig, got {type(config).__name__}")
+        if self.modality not in ("mri", "ct"):
+            raise ConfigError(f"modality must be 'mri' or 'ct', got {self.modality!r}")
+        return config.validate()
+
+    def fit(
+        self,
+        volumes: Any,
+        y: None = None,
+        *,
+        brain_masks: Sequence[Any] | None = None,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> "Refiner":
+        """Compute the priors and train the network on them.
+
+        Parameters
+        ----------
+        volumes : sequence
+            Subjects: paths, lists of paths (modalities), Volumes, arrays or (array, affine)
+            pairs. A single path or Volume is one subject.
+        y : None
+            Ignored (no ground truth is ever used); present for sklearn compatibility.
+        brain_masks : sequence, optional
+            One brain mask (path or boolean array) per volume, or None to derive them.
+        checkpoint_path : path, optional
+            Where periodic checkpoints go (every ``checkpoint_every`` iterations).
+        resume_from : path, optional
+            A checkpoint written by :meth:`save` or a periodic checkpoint to continue from.
+
+        Returns
+        -------
+        Refiner
+            self, fitted.
+        """
+        config = self._validated()
+        device = resolve_device(self.device)
+        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
+            volumes = [volumes]
+        if len(volumes) == 0:
+            raise InvalidImageError("fit needs at least one volume")
+        loaded = [_load(v) for v in volumes]
+        masks_in = [None] * len(loaded) if brain_masks is None else list(brain_masks)
+        if len(masks_in) != len(loaded):
+            raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(loaded)} volumes")
+        masks = [_load_mask(m, v) for m, v in zip(masks_in, loaded)]
+        channels = {v.n_channels for v in loaded}
+        if len(channels) != 1:
+            raise InvalidImageError(f"all volumes must have the same number of channels, got {sorted(channels)}")
+        started = time.perf_counter()
+        priors = self._priors(loaded, masks)
+        subjects: list[PreparedSubject] = []
+        informative = 0
+        for index, ((prior, mask), volume) in enumerate(zip(priors, loaded)):
+            subject = prepare_subject(volume, prior, mask, self.modality, seed=self.random_state + index)
+            try:
+                check_prior_informative(prior, None if mask is None else mask)
+                informative += 1
+            except InvalidPriorError as error:
+                if len(loaded) == 1:
+                    raise
+                logger.warning("subject %d: %s", index, error)
+            subjects.append(subject)
+        if informative == 0:
+            raise InvalidPriorError("no subject has an informative prior (all empty or full); nothing to learn")
+        prior_seconds = time.perf_counter() - started
+        total_bytes = sum(s.nbytes() for s in subjects)
+        if device.type == "cuda" and total_bytes < 4 * 2**30:
+            subjects = [s.to(device) for s in subjects]
+        crop = effective_crop_size(config.crop_size, [s.image.shape[1:] for s in subjects], config.downsample_factor)
+        seed_everything(self.random_state)
+        network = build_network(config, loaded[0].n_channels).to(device)
+        if device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last_3d)
+        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=self.random_state)
+        start_iteration, optimizer_state = 0, None
+        if resume_from is not None:
+            state = _read_checkpoint(resume_from)
+            _check_compatible(state, config, loaded[0].n_channels)
+            network.load_state_dict(state["state_dict"])
+            start_iteration = int(state.get("n_iter", 0))
+            optimizer_state = state.get("optimizer_state")
+            if state.get("sampler_state") is not None:
+                sampler.set_state(state["sampler_state"])
+            logger.info("resuming from iteration %d", start_iteration)
+
+        self.config_ = config
+        self.device_ = device
+        self.n_channels_in_ = loaded[0].n_channels
+        self.crop_size_ = crop
+        self.priors_ = [{"source": p.source, "params": p.params} for p, _ in priors]
+
+        def save_checkpoint(iteration: int, optim_state: dict[str, Any]) -> None:
+            self.network_ = network
+            self.n_iter_ = iteration
+            self.history_ = []
+            self._write(checkpoint_path, overwrite=True, optimizer_state=optim_state,  # type: ignore[arg-type]
+                        sampler_state=sampler.state())
+
+        logger.info(
+            "training on %d subject(s), crop %s, %d iterations, device %s",
+            len(subjects), crop, config.iterations, device,
+        )
+        history, optimizer_state = train_network(
+            network, sampler, config, device,
+            start_iteration=start_iteration, optimizer_state=optimizer_state,
+            callback=self.callback,
+            checkpoint=save_checkpoint if checkpoint_path is not None else None,
+            checkpoint_every=checkpoint_every,
+        )
+        self.network_ = network
+        self.history_ = history
+        self.n_iter_ = config.iterations
+        self.timings_ = {"priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds}
+        self._optimizer_state = optimizer_state
+        return self
+
+    def fit_predict(self, volumes: Any, y: None = None, *, brain_masks: Sequence[Any] | None = None) -> list[np.ndarray]:
+        """Fit on ``volumes`` and return the refined mask of each."""
+        self.fit(volumes, brain_masks=brain_masks)
+        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
+            volumes = [volumes]
+        masks = [None] * len(volumes) if brain_masks is None else list(brain_masks)
+        return [self.predict(v, brain_mask=m) for v, m in zip(volumes, masks)]
+
+    # ---------------------------------------------------------------- predict
+    def predict_proba(
+        self,
+        volume: Any,
+        brain_mask: Any = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Refined lesion probability on the volume's own grid.
+
+        Parameters
+        ----------
+        volume : path, Volume, array or (array, affine)
+            One subject, with the channels the network was trained on.
+        brain_mask : path or array, optional
+            Restricts the output (0 outside); derived when omitted.
+        progress : callable, optional
+            ``progress(done, total)`` over the sliding windows.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 in [0, 1], shape of the volume.
+        """
+        check_is_fitted(self, "network_")
+        loaded = _load(volume)
+        if loaded.n_channels != self.n_channels_in_:
+            raise CheckpointError(
+                f"the model was trained on {self.n_channels_in_} channel(s) but the image has "
+                f"{loaded.n_channels}; pass the same modalities, in the same order"
+            )
+        subject = prepare_subject(loaded, None, _load_mask(brain_mask, loaded), self.modality)
+        network = self.network_
+        network.eval()
+        inputs = subject.image[None].to(self.device_)
+        autocast = torch.bfloat16 if (self.device_.type == "cuda" and self.config_.amp) else None
+        logits = sliding_window_predict(
+            inputs, network, self.crop_size_, overlap=self.config_.overlap,
+            sw_batch_size=self.config_.sw_batch_size, mode="gaussian",
+            sw_device=self.device_, device=torch.device("cpu"), progress=progress,
+            autocast_dtype=autocast,
+        )
+        box_prob = torch.sigmoid(logits[0, 0].float()).numpy()
+        box_prob = np.where(subject.brain[0].cpu().numpy(), box_prob, 0.0)
+        probability = np.zeros(subject.shape, dtype=np.float32)
+        probability[subject.bbox] = box_prob
+        return probability
+
+    def predict(
+        self,
+        volume: Any,
+        brain_mask: Any = None,
+        *,
+        threshold: float | None = None,
+        min_size_mm3: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Refined lesion mask (uint8 {0, 1}) on the volume's own grid.
+
+        ``threshold`` and ``min_size_mm3`` default to the configuration's.
+        """
+        check_is_fitted(self, "network_")
+        loaded = _load(volume)
+        probability = self.predict_proba(loaded, brain_mask, progress=progress)
+        return self.postprocess(probability, loaded.spacing, threshold=threshold, min_size_mm3=min_size_mm3)
+
+    def postprocess(
+        self,
+        probability: np.ndarray,
+        spacing: Sequence[float],
+        *,
+        threshold: float | None = None,
+        min_size_mm3: float | None = None,
+    ) -> np.ndarray:
+        """Threshold a probability map and drop components smaller than ``min_size_mm3``."""
+        check_is_fitted(self, "network_")
+        level = self.config_.threshold if threshold is None else float(threshold)
+        if not 0.0 < level < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
+        min_size = self.config_.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
+        mask = (probability >= level).astype(np.uint8)
+        if min_size > 0:
+            mask = remove_small_components(mask, min_size, spacing)
+        return mask
+
+    # ------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the trained model (weights, configuration, version) atomically.
+
+        Returns
+        -------
+        pathlib.Path
+            The written file.
+        """
+        check_is_fitted(self, "network_")
+        return self._write(path, overwrite=overwrite)
+
+    def _write(self, path: str | os.PathLike[str], *, overwrite: bool, optimizer_state: Any = None,
+               sampler_state: Any = None) -> Path:
+        target = Path(path)
+        if target.exists() and not overwrite:
+            raise OutputExistsError(f"{target} exists; pass overwrite=True (or --overwrite) to replace it")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "cgc_refine_version": __version__,
+            "config": self.config_.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.network_.state_dict().items()},
+            "n_channels_in": int(self.n_channels_in_),
+            "crop_size": list(self.crop_size_),
+            "modality": self.modality,
+            "random_state": int(self.random_state),
+            "n_iter": int(self.n_iter_),
+            "priors": _json_safe(self.priors_),
+            "history": _json_safe(self.history_),
+            "optimizer_state": optimizer_state,
+            "sampler_state": _json_safe(sampler_state),
+        }
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            from .exceptions import OutputNotWritableError
+
+            raise OutputNotWritableError(f"cannot write to folder {folder}; check that it exists and is writable")
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, target)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "auto") -> "Refiner":
+        """Read a model written by :meth:`save`.
+
+        Raises
+        ------
+        CheckpointError
+            If the file is missing, corrupted, or not a cgc_refine model.
+        """
+        state = _read_checkpoint(path)
+        try:
+            config = RefinerConfig.from_dict(state["config"])
+            refiner = cls(prior=None, config=config, modality=state["modality"], device=device,
+                          random_state=int(state["random_state"]))
+            resolved = resolve_device(device)
+            network = build_network(config, int(state["n_channels_in"]))
+            network.load_state_dict(state["state_dict"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(f"{path} is not a usable cgc_refine model ({error}); retrain or re-save it") from None
+        refiner.network_ = network.to(resolved).eval()
+        refiner.config_ = config
+        refiner.device_ = resolved
+        refiner.n_channels_in_ = int(state["n_channels_in"])
+        refiner.crop_size_ = tuple(state["crop_size"])
+        refiner.n_iter_ = int(state["n_iter"])
+        refiner.priors_ = state.get("priors", [])
+        refiner.history_ = state.get("history", [])
+        return refiner
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain Python containers only (what ``torch.load(weights_only=True)`` accepts)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    target = Path(path)
+    if not target.is_file():
+        raise CheckpointError(f"model file {target} does not exist; check the path")
+    try:
+        state = torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(
+            f"{target} cannot be read as a cgc_refine model ({type(error).__name__}); the file is "
+            "corrupted or not a model written by cgc-refine"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state or "config" not in state:
+        raise CheckpointError(f"{target} is not a cgc_refine model (missing weights or configuration)")
+    if int(state.get("format", -1)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{target} was written by a newer cgc_refine (format {state.get('format')}); upgrade cgc_refine"
+        )
+    return state
+
+
+def _check_compatible(state: dict[str, Any], config: RefinerConfig, n_channels: int) -> None:
+    saved = RefinerConfig.from_dict(state["config"])
+    architecture = ("channels", "norm", "use_coarse", "use_fine", "patch_size", "proj_dim")
+    if any(getattr(saved, name) != getattr(config, name) for name in architecture):
+        raise CheckpointError("the checkpoint's network settings differ from this configuration; resume with the same config")
+    if int(state["n_channels_in"]) != n_channels:
+        raise CheckpointError(
+            f"the checkpoint was trained on {state['n_channels_in']} channel(s), the data have {n_channels}"
+        )
+

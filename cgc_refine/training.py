@@ -1,0 +1,336 @@
+"""Training of the CGC network against prior pseudo-labels (paper sections 3 and 4.3).
+
+Each subject is preprocessed once -- channels standardised inside the brain, cropped to the
+brain's bounding box, prior and mask alongside -- and kept in memory as tensors (on the
+training device when they fit), so a step costs only the crop, the flips and the network.
+No ground truth appears anywhere in this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import RefinerConfig
+from .model import CGCLoss, CGCUNet
+from .priors.base import ProbabilityMap, prepare_prior_input
+
+__all__ = [
+    "PreparedSubject",
+    "prepare_subject",
+    "effective_crop_size",
+    "CropSampler",
+    "build_network",
+    "train_network",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Extra voxels kept around the brain's bounding box.
+BBOX_MARGIN = 4
+
+
+@dataclass
+class PreparedSubject:
+    """One subject, ready for training or inference.
+
+    Attributes
+    ----------
+    image : torch.Tensor
+        (C, x, y, z) float32 standardised channels inside the brain bounding box.
+    prior : torch.Tensor or None
+        (1, x, y, z) float32 prior (None at inference).
+    brain : torch.Tensor
+        (1, x, y, z) bool brain mask.
+    bbox : tuple of slice
+        Where the box sits in the original grid.
+    shape : tuple of int
+        Spatial shape of the original grid.
+    foreground : numpy.ndarray
+        (n, 3) voxel coordinates (inside the box) where the prior is >= 0.5, for crop
+        oversampling; a random subset when there are many.
+    """
+
+    image: torch.Tensor
+    prior: torch.Tensor | None
+    brain: torch.Tensor
+    bbox: tuple[slice, slice, slice]
+    shape: tuple[int, int, int]
+    foreground: np.ndarray
+
+    def to(self, device: torch.device) -> "PreparedSubject":
+        """Move the tensors to ``device``."""
+        return PreparedSubject(
+            self.image.to(device), None if self.prior is None else self.prior.to(device),
+            self.brain.to(device), self.bbox, self.shape, self.foreground,
+        )
+
+    def nbytes(self) -> int:
+        """Memory held by the tensors."""
+        total = self.image.nelement() * 4 + self.brain.nelement()
+        return total + (0 if self.prior is None else self.prior.nelement() * 4)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    slices = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        low = max(int(present[0]) - margin, 0)
+        high = min(int(present[-1]) + 1 + margin, mask.shape[axis])
+        slices.append(slice(low, high))
+    return tuple(slices)  # type: ignore[return-value]
+
+
+def prepare_subject(
+    volume: Any,
+    prior: ProbabilityMap | None,
+    brain_mask: np.ndarray | None = None,
+    modality: str = "mri",
+    *,
+    max_foreground: int = 200_000,
+    seed: int = 0,
+) -> PreparedSubject:
+    """Standardise, crop to the brain and pack one subject into tensors.
+
+    Parameters
+    ----------
+    volume : Volume or numpy.ndarray
+        The subject's image(s).
+    prior : ProbabilityMap or None
+        Pseudo-label on the image grid (None for inference).
+    brain_mask : numpy.ndarray, optional
+        Boolean brain mask; derived when omitted.
+    modality : {"mri", "ct"}
+        Intensity handling (see :func:`cgc_refine.priors.base.prepare_prior_input`).
+    max_foreground : int
+        Cap on the stored foreground coordinates.
+    seed : int
+        Seed of that subsample.
+    """
+    prepared = prepare_prior_input(volume, brain_mask, modality)
+    mask = prepared.brain_mask
+    box = _bounding_box(mask, BBOX_MARGIN)
+    image = torch.from_numpy(np.ascontiguousarray(prepared.channels[(slice(None), *box)]))
+    brain = torch.from_numpy(np.ascontiguousarray(mask[box]))[None]
+    prior_tensor = None
+    foreground = np.zeros((0, 3), dtype=np.int64)
+    if prior is not None:
+        if prior.shape != mask.shape:
+            from .exceptions import SpaceMismatchError
+
+            raise SpaceMismatchError(
+                f"prior shape {prior.shape} differs from image shape {mask.shape}; resample the "
+                "prior onto the image grid"
+            )
+        prior_box = np.where(mask, prior.data, 0.0)[box].astype(np.float32)
+        prior_tensor = torch.from_numpy(np.ascontiguousarray(prior_box))[None]
+        foreground = np.argwhere(prior_box >= 0.5)
+        if len(foreground) > max_foreground:
+            rng = np.random.default_rng(seed)
+            foreground = foreground[rng.choice(len(foreground), max_foreground, replace=False)]
+    return PreparedSubject(image, prior_tensor, brain, box, tuple(mask.shape), foreground)  # type: ignore[arg-type]
+
+
+def effective_crop_size(
+    crop_size: Sequence[int], shapes: Sequence[Sequence[int]], factor: int
+) -> tuple[int, int, int]:
+    """The training crop: the configured size, no larger than the biggest subject needs.
+
+    Along each axis: ``min(crop, largest extent rounded up to a multiple of factor)``, then
+    rounded down to a multiple of ``factor`` (at least ``factor``). Smaller subjects are
+    zero-padded to it by the sampler.
+    """
+    crop = []
+    for axis in range(3):
+        largest = max(int(s[axis]) for s in shapes)
+        needed = int(math.ceil(largest / factor) * factor)
+        size = min(int(crop_size[axis]), needed)
+        crop.append(max(factor, (size // factor) * factor))
+    return tuple(crop)  # type: ignore[return-value]
+
+
+class CropSampler:
+    """Random training crops with prior-guided oversampling and random flips.
+
+    Parameters
+    ----------
+    subjects : sequence of PreparedSubject
+        Training subjects with priors.
+    crop_size : tuple of int
+        Crop shape (see :func:`effective_crop_size`).
+    foreground_oversampling : float
+        Probability that a crop is centred on a voxel where the prior is >= 0.5.
+    seed : int
+        Seed of the sampler's generator (the only randomness of a step besides dropout-free
+        network maths).
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[PreparedSubject],
+        crop_size: tuple[int, int, int],
+        foreground_oversampling: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.subjects = list(subjects)
+        self.crop_size = crop_size
+        self.foreground_oversampling = foreground_oversampling
+        self.rng = np.random.default_rng(seed)
+
+    def _crop(self, subject: PreparedSubject) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = subject.image.shape[1:]
+        use_foreground = len(subject.foreground) > 0 and self.rng.random() < self.foreground_oversampling
+        if use_foreground:
+            centre = subject.foreground[self.rng.integers(len(subject.foreground))]
+        else:
+            centre = np.array([self.rng.integers(s) for s in shape])
+        starts = [
+            int(np.clip(c - k // 2, 0, max(s - k, 0))) for c, k, s in zip(centre, self.crop_size, shape)
+        ]
+        box = tuple(slice(st, st + k) for st, k in zip(starts, self.crop_size))
+        image = subject.image[(slice(None), *box)]
+        prior = subject.prior[(slice(None), *box)]  # type: ignore[index]
+        brain = subject.brain[(slice(None), *box)]
+        pad = []
+        for axis in (2, 1, 0):
+            missing = self.crop_size[axis] - image.shape[axis + 1]
+            pad += [missing // 2, missing - missing // 2]
+        if any(pad):
+            image = torch.nn.functional.pad(image, pad)
+            prior = torch.nn.functional.pad(prior, pad)
+            brain = torch.nn.functional.pad(brain, pad)
+        flips = [axis + 1 for axis in range(3) if self.rng.random() < 0.5]
+        if flips:
+            image, prior, brain = (t.flip(flips) for t in (image, prior, brain))
+        return image, prior, brain
+
+    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``batch_size`` crops stacked: image (B,C,...), prior (B,1,...), brain (B,1,...)."""
+        crops = [self._crop(self.subjects[self.rng.integers(len(self.subjects))]) for _ in range(batch_size)]
+        return tuple(torch.stack(parts) for parts in zip(*crops))  # type: ignore[return-value]
+
+    def state(self) -> dict[str, Any]:
+        """Generator state, for checkpoints."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore a generator state from :meth:`state`."""
+        self.rng.bit_generator.state = state
+
+
+def build_network(config: RefinerConfig, in_channels: int) -> CGCUNet:
+    """The CGC U-Net a configuration describes."""
+    return CGCUNet(
+        in_channels,
+        channels=config.channels,
+        use_coarse=config.use_coarse,
+        use_fine=config.use_fine,
+        patch_size=config.patch_size,
+        proj_dim=config.proj_dim,
+        norm=config.norm,
+    )
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_network(
+    network: CGCUNet,
+    sampler: CropSampler,
+    config: RefinerConfig,
+    device: torch.device,
+    *,
+    start_iteration: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Optimise the network with Adam on the overall loss of equation 8.
+
+    Parameters
+    ----------
+    network : CGCUNet
+        The model, already on ``device``.
+    sampler : CropSampler
+        Source of training crops.
+    config : RefinerConfig
+        Validated settings (iterations, batch size, learning rate, loss weights, amp).
+    device : torch.device
+        Where the step runs.
+    start_iteration : int
+        Iterations already done (resuming).
+    optimizer_state : dict, optional
+        Adam state to resume from.
+    callback : callable, optional
+        Called after every step with ``{"iteration", "total", "bce", "coarse", "fine"}``.
+    checkpoint : callable, optional
+        ``checkpoint(iteration, optimizer_state)`` called every ``checkpoint_every`` steps.
+    checkpoint_every : int
+        0 disables periodic checkpoints.
+
+    Returns
+    -------
+    history : list of dict
+        Mean loss components over each ``log_every`` window.
+    optimizer_state : dict
+        Final Adam state.
+    """
+    loss_fn = CGCLoss(
+        lambda_cg=config.lambda_cg, lambda_fg=config.lambda_fg, temperature=config.temperature
+    )
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    step_model: Any = network
+    if config.compile and device.type == "cuda":
+        step_model = torch.compile(network)
+    network.train()
+    history: list[dict[str, float]] = []
+    window: dict[str, list[float]] = {"total": [], "bce": [], "coarse": [], "fine": []}
+    started = time.perf_counter()
+    for iteration in range(start_iteration + 1, config.iterations + 1):
+        image, prior, brain = sampler.batch(config.batch_size)
+        image, prior, brain = (t.to(device, non_blocking=True) for t in (image, prior, brain))
+        with _autocast(device, config.amp):
+            output = step_model.forward_train(image) if step_model is network else _compiled_train(step_model, image)
+        total, parts = loss_fn(output, prior, brain)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        values = {key: float(value) for key, value in parts.items()}
+        for key in window:
+            window[key].append(values.get(key, 0.0))
+        if callback is not None:
+            callback({"iteration": float(iteration), **values})
+        if iteration % config.log_every == 0 or iteration == config.iterations:
+            record = {key: float(np.mean(v)) for key, v in window.items()}
+            record["iteration"] = float(iteration)
+            record["seconds"] = time.perf_counter() - started
+            history.append(record)
+            logger.info(
+                "iteration %d/%d  loss %.4f (bce %.4f, coarse %.4f, fine %.4f)",
+                iteration, config.iterations, record["total"], record["bce"],
+                record["coarse"], record["fine"],
+            )
+            window = {key: [] for key in window}
+        if checkpoint is not None and checkpoint_every and iteration % checkpoint_every == 0:
+            checkpoint(iteration, optimizer.state_dict())
+    network.eval()
+    return history, optimizer.state_dict()
+
+
+def _compiled_train(compiled: Any, image: torch.Tensor) -> Any:
+    """Run ``forward_train`` through a compiled module (compile wraps ``forward`` only)."""
+    return compiled._orig_mod.forward_train(image)  # pragma: no cover - CUDA only
