@@ -80,7 +80,7 @@ def make_phantom(
     for _ in range(n_lesions):
         for _attempt in range(50):
             offset = rng.uniform(-0.5, 0.5, 3) * radii
-            size = rng.uniform(0.1, 0.2, 3) * radii
+            size = rng.uniform(0.15, 0.25, 3) * radii
             blob = ((((grid - (centre + offset)[:, None, None, None]) / size[:, None, None, None]) ** 2).sum(0)) <= 1.0
             if (blob & (grey | ventricles)).sum() == 0 and blob.any():
                 truth |= blob

@@ -19,6 +19,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from ._utils import jsonable
 from ._version import __version__
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
@@ -115,7 +116,9 @@ class Refiner(BaseEstimator):
     n_channels_in_ : int
         Number of image channels the network expects.
     crop_size_ : tuple of int
-        Training crop and inference window.
+        Training crop.
+    window_size_ : tuple of int
+        Sliding-window size at inference.
     history_ : list of dict
         Loss components logged during training.
     priors_ : list of dict
@@ -274,8 +277,9 @@ class Refiner(BaseEstimator):
         crop = effective_crop_size(config.crop_size, [s.image.shape[1:] for s in subjects], config.downsample_factor)
         seed_everything(self.random_state)
         network = build_network(config, loaded[0].n_channels).to(device)
-        if device.type == "cuda":
-            network = network.to(memory_format=torch.channels_last_3d)
+        # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
+        # the layout cuDNN prefers for bf16 on CUDA.
+        network = network.to(memory_format=torch.channels_last_3d)
         sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=self.random_state)
         start_iteration, optimizer_state = 0, None
         if resume_from is not None:
@@ -292,6 +296,7 @@ class Refiner(BaseEstimator):
         self.device_ = device
         self.n_channels_in_ = loaded[0].n_channels
         self.crop_size_ = crop
+        self.window_size_ = self._window(config, crop, [s.image.shape[1:] for s in subjects])
         self.priors_ = [{"source": p.source, "params": p.params} for p, _ in priors]
 
         def save_checkpoint(iteration: int, optim_state: dict[str, Any]) -> None:
@@ -318,6 +323,12 @@ class Refiner(BaseEstimator):
         self.timings_ = {"priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds}
         self._optimizer_state = optimizer_state
         return self
+
+    @staticmethod
+    def _window(config: RefinerConfig, crop: tuple[int, int, int], shapes: list[Any]) -> tuple[int, int, int]:
+        if config.inference_window is None:
+            return crop
+        return effective_crop_size(config.inference_window, shapes, config.downsample_factor)
 
     def fit_predict(self, volumes: Any, y: None = None, *, brain_masks: Sequence[Any] | None = None) -> list[np.ndarray]:
         """Fit on ``volumes`` and return the refined mask of each."""
@@ -361,10 +372,10 @@ class Refiner(BaseEstimator):
         subject = prepare_subject(loaded, None, _load_mask(brain_mask, loaded), self.modality)
         network = self.network_
         network.eval()
-        inputs = subject.image[None].to(self.device_)
+        inputs = subject.image[None].to(self.device_).contiguous(memory_format=torch.channels_last_3d)
         autocast = torch.bfloat16 if (self.device_.type == "cuda" and self.config_.amp) else None
         logits = sliding_window_predict(
-            inputs, network, self.crop_size_, overlap=self.config_.overlap,
+            inputs, network, self.window_size_, overlap=self.config_.overlap,
             sw_batch_size=self.config_.sw_batch_size, mode="gaussian",
             sw_device=self.device_, device=torch.device("cpu"), progress=progress,
             autocast_dtype=autocast,
@@ -436,13 +447,14 @@ class Refiner(BaseEstimator):
             "state_dict": {k: v.detach().cpu() for k, v in self.network_.state_dict().items()},
             "n_channels_in": int(self.n_channels_in_),
             "crop_size": list(self.crop_size_),
+            "window_size": list(self.window_size_),
             "modality": self.modality,
             "random_state": int(self.random_state),
             "n_iter": int(self.n_iter_),
-            "priors": _json_safe(self.priors_),
-            "history": _json_safe(self.history_),
+            "priors": jsonable(self.priors_),
+            "history": jsonable(self.history_),
             "optimizer_state": optimizer_state,
-            "sampler_state": _json_safe(sampler_state),
+            "sampler_state": jsonable(sampler_state),
         }
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -481,28 +493,16 @@ class Refiner(BaseEstimator):
             if isinstance(error, CheckpointError):
                 raise
             raise CheckpointError(f"{path} is not a usable cgc_refine model ({error}); retrain or re-save it") from None
-        refiner.network_ = network.to(resolved).eval()
+        refiner.network_ = network.to(resolved).to(memory_format=torch.channels_last_3d).eval()
         refiner.config_ = config
         refiner.device_ = resolved
         refiner.n_channels_in_ = int(state["n_channels_in"])
         refiner.crop_size_ = tuple(state["crop_size"])
+        refiner.window_size_ = tuple(state.get("window_size", state["crop_size"]))
         refiner.n_iter_ = int(state["n_iter"])
         refiner.priors_ = state.get("priors", [])
         refiner.history_ = state.get("history", [])
         return refiner
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain Python containers only (what ``torch.load(weights_only=True)`` accepts)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

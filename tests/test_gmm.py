@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 from sklearn.mixture import GaussianMixture
 
 from cgc_refine.exceptions import InvalidImageError, InvalidPriorError
@@ -125,14 +126,9 @@ def test_histogram_constant_or_empty_is_error() -> None:
         intensity_histogram(np.array([]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: gmm.py line 136 computes (x - offset) in the input dtype; for int8 data "
-    "spanning more than 127 values it wraps around (-100 - (-100) ok, 100 - (-100) -> -56) "
-    "and np.bincount raises 'must have no negative elements'",
-)
 def test_histogram_int8_wide_range() -> None:
+    # regression: (x - offset) used to be computed in int8 and wrapped around
+    # (100 - (-100) -> -56), making np.bincount fail; int8 spanning 200 values -> unit bins
     x = np.array([-100, 0, 100], dtype=np.int8)
     centres, counts = intensity_histogram(x, 1024)
     np.testing.assert_array_equal(centres, [-100.0, 0.0, 100.0])
@@ -424,10 +420,10 @@ def test_gmm_prior_ct_hyperdense_lesion(k: int) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: GMMPrior docstring (gmm.py line 317) says modality='ct' reads channel "
-    "bright_channel in HU through the brain window, but prepare_prior_input (base.py, "
-    "ct branch) always windows channel 0 and derive_brain_mask(modality='ct') uses "
-    "channel 0; with the HU image in channel 1 the mask is derived from the wrong channel "
+    reason="bug: GMMPrior docstring (gmm.py line 317-318) says modality='ct' reads channel "
+    "bright_channel in HU through the brain window, but prepare_prior_input (base.py line "
+    "171) always windows channel 0 and derive_brain_mask(modality='ct') (base.py line 156, "
+    "brain.py line 97) uses channel 0; with the HU image in channel 1 the mask is derived from the wrong channel "
     "and the haematoma is missed (Dice ~0.03)",
 )
 def test_gmm_prior_ct_bright_channel_one() -> None:
@@ -502,13 +498,18 @@ def test_gmm_prior_get_params_as_given() -> None:
     )
     # invalid values are stored as given; they are refused only by compute()
     assert GMMPrior(n_components=1).get_params()["n_components"] == 1
-    assert repr(prior).startswith("GMMPrior(n_components=3, n_foreground=2")
+    text = repr(prior)
+    assert text.startswith("GMMPrior(") and "n_components=3" in text and "n_foreground=2" in text
+    # scikit-learn conventions: a list is kept as the very object given, clone round-trips
+    candidates = [2, 3, 4]
+    assert GMMPrior(n_components="bic", bic_candidates=candidates).get_params()["bic_candidates"] is candidates
+    assert clone(prior).get_params() == kwargs
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: _validate (gmm.py line 385) accepts numpy integers for n_components, but "
-    "compute (gmm.py line 454) copies get_params() verbatim into ProbabilityMap.params, "
+    reason="bug: _validate (gmm.py line 367) accepts numpy integers for n_components, but "
+    "compute (gmm.py line 436) copies get_params() verbatim into ProbabilityMap.params, "
     "so np.int64(4) makes the params not JSON-serialisable as base.py documents",
 )
 def test_gmm_prior_numpy_integer_params_json_serialisable() -> None:

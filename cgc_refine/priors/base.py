@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._utils import jsonable
 from ..exceptions import InvalidPriorError
 
 __all__ = ["ProbabilityMap", "PRIOR_KINDS", "PriorInput", "prepare_prior_input"]
@@ -77,6 +78,7 @@ class ProbabilityMap:
             raise InvalidPriorError(f"affine must be 4x4, got shape {affine.shape}")
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "params", jsonable(dict(self.params)))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -116,6 +118,7 @@ def prepare_prior_input(
     volume: Any,
     brain_mask: np.ndarray | None = None,
     modality: str = "mri",
+    bright_channel: int = 0,
 ) -> PriorInput:
     """Turn a volume (a :class:`cgc_refine.io.Volume` or an array) into a :class:`PriorInput`.
 
@@ -128,7 +131,10 @@ def prepare_prior_input(
         Boolean mask on the image grid; derived from the image when omitted
         (:func:`cgc_refine.brain.derive_brain_mask`).
     modality : {"mri", "ct"}
-        For ``"ct"`` channel 0 is in Hounsfield units and is mapped through the brain window.
+        For ``"ct"`` channel ``bright_channel`` is in Hounsfield units: it gives the derived
+        brain mask and is mapped through the brain window; other channels are standardised.
+    bright_channel : int
+        Index of the lesion-bright channel (the CT channel in CT mode).
 
     Returns
     -------
@@ -152,8 +158,15 @@ def prepare_prior_input(
         raise InvalidImageError(
             f"expected a 3-D volume or (C, X, Y, Z) channels, got shape {data.shape}"
         )
+    if not 0 <= bright_channel < data.shape[0]:
+        from ..exceptions import InvalidImageError
+
+        raise InvalidImageError(
+            f"bright_channel={bright_channel} but the image has {data.shape[0]} channel(s)"
+        )
     if brain_mask is None:
-        mask = derive_brain_mask(data, modality=modality)  # type: ignore[arg-type]
+        source = data[bright_channel] if modality == "ct" else data
+        mask = derive_brain_mask(source, modality=modality)  # type: ignore[arg-type]
     else:
         mask = np.asarray(brain_mask, dtype=bool)
         if mask.shape != data.shape[1:]:
@@ -168,9 +181,12 @@ def prepare_prior_input(
 
             raise EmptyMaskError("the brain mask is empty; pass a mask that covers the brain")
     if modality == "ct":
-        windowed = ct_window(data[0])
-        rest = robust_normalise(data[1:], mask) if data.shape[0] > 1 else None
-        channels = windowed[None] if rest is None else np.concatenate([windowed[None], rest])
+        channels = np.zeros(data.shape, dtype=np.float32)
+        for index in range(data.shape[0]):
+            if index == bright_channel:
+                channels[index] = ct_window(data[index])
+            else:
+                channels[index] = robust_normalise(data[index], mask)[0]
         channels[:, ~mask] = 0.0
     else:
         channels = robust_normalise(data, mask)

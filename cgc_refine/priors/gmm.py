@@ -399,13 +399,9 @@ class GMMPrior(BaseEstimator):
             Posterior probability of the foreground component(s), 0 outside the brain.
         """
         self._validate()
-        prepared = prepare_prior_input(volume, brain_mask, self.modality)
-        channels, mask = prepared.channels, prepared.brain_mask
         bright = int(self.bright_channel)
-        if not 0 <= bright < channels.shape[0]:
-            raise InvalidImageError(
-                f"bright_channel={bright} but the image has {channels.shape[0]} channel(s)"
-            )
+        prepared = prepare_prior_input(volume, brain_mask, self.modality, bright)
+        channels, mask = prepared.channels, prepared.brain_mask
         n_fg = int(self.n_foreground)
         probability = np.zeros(mask.shape, dtype=np.float32)
         if self.channels == "bright" or channels.shape[0] == 1:

@@ -21,7 +21,12 @@ With the relaxed foreground indicator :math:`u \in [0, 1]^\Omega` (Chan, Esedogl
   each rescaled to unit robust scale inside the brain (IQR / 1.349; a no-op for MRI channels
   from :func:`~cgc_refine.priors.base.prepare_prior_input`, which are standardised that way
   already). :math:`\lambda` is therefore in units of the robust brain variance
-  :math:`\sigma^2` times mm, whatever the intensity unit (z-scores, windowed CT).
+  :math:`\sigma^2` times mm, whatever the intensity unit (z-scores, windowed CT). By default
+  the bright channel is floored at its brain median first (``floor_dark``): lesions are
+  brighter than normal tissue, so voxels darker than the median (CSF, sulci) are background
+  whatever their exact value, and a large dark population must not decide the two-phase
+  split. (Without the floor, one of the six BraTS cases we checked split into "CSF versus
+  the rest".)
 * :math:`\mathrm{TV}_h(u) = \sum_v \lVert \nabla_h u_v \rVert_2` is the isotropic total
   variation with spacing-aware forward differences :math:`(u_{v + e_d} - u_v) / h_d` (mm),
   taken only on edges whose two voxels lie in the brain (Neumann boundary on the mask).
@@ -44,7 +49,9 @@ Algorithm
    :math:`\sigma_d = h_d / 2`, Pock & Chambolle 2011); every ``update_every`` steps the
    means are set to their closed-form minimisers :math:`c_1 = \sum u x / \sum u`,
    :math:`c_2 = \sum (1 - u) x / \sum (1 - u)` and the energy is evaluated. The loop stops
-   when its relative change falls below ``tol`` or after ``n_iter`` steps.
+   when its relative change falls below ``tol`` or after ``n_iter`` steps. This is done
+   first on a 2x2x2-averaged copy of the volume and then, warm-started from it, at full
+   resolution (``multiscale``), where only a few steps remain.
 3. *Foreground phase*: the phase with the higher mean in the bright channel (lesions are
    hyperintense on FLAIR and hyperdense on brain-windowed CT), whatever its size.
 4. *Soft map*: at the converged means the entropy-smoothed problem
@@ -66,8 +73,8 @@ Algorithm
 Reading the output: the returned map is :math:`u_\varepsilon`, a foreground probability per
 brain voxel (0 outside the brain); ``u >= 0.5`` is the hard segmentation (it coincides with
 the relaxed Chan-Vese segmentation of step 2 up to boundary voxels; their Dice agreement is
-reported as ``hard_agreement``). Voxels that are bright but isolated get values just below
-0.5 rather than 0: the TV term overrides their fidelity only barely.
+reported as ``hard_agreement``). Values near 0.5 mark boundary voxels and weakly contrasted
+structures; isolated bright noise voxels are pulled to near 0 by the length term.
 
 Why the entropy only enters at the end: minimising the entropy-smoothed energy jointly over
 the means is degenerate for a small bright phase -- :math:`c_1 = c_2` with :math:`u = 1/2`
@@ -121,6 +128,8 @@ DEFAULT_N_ITER = 150
 DEFAULT_N_ITER_SOFT = 40
 #: Default percentile of the bright channel (inside the brain) that seeds the foreground.
 DEFAULT_INIT_PERCENTILE = 97.0
+#: Default quantile of the bright channel at which it is floored (see ``dark_floor_quantile``).
+DEFAULT_DARK_FLOOR_QUANTILE = 0.25
 
 _DeviceLike = str | torch.device | None
 
@@ -168,6 +177,23 @@ def _check_epsilon(value: Any) -> float | None:
         "epsilon", value,
         hint="; it is the temperature of the soft map (None: twice the fitted within-phase variance)",
     )
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidPriorError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_floor_quantile(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_real(value) or not 0.0 <= float(value) < 1.0:
+        raise InvalidPriorError(
+            f"dark_floor_quantile must be None or a number in [0, 1), got {value!r}; "
+            f"the default {DEFAULT_DARK_FLOOR_QUANTILE} floors the darkest quarter of the brain"
+        )
+    return float(value) if float(value) > 0.0 else None
 
 
 def _check_spacing(spacing: Any) -> tuple[float, float, float]:
@@ -301,12 +327,141 @@ def _project(p: list[torch.Tensor], radius: float, work: torch.Tensor) -> None:
         pd.mul_(work)
 
 
+def _seed_above(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Voxels strictly above ``threshold``, or at it when none is above."""
+    seed = values > threshold
+    return seed if bool(seed.any()) else values >= threshold
+
+
+def _otsu_threshold(values: torch.Tensor, bins: int = 1024) -> torch.Tensor:
+    """Otsu's threshold: the exact two-means (TV-free Chan-Vese) split of a histogram."""
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        return values.max()
+    counts = torch.histc(values, bins=bins, min=low, max=high).double()
+    centres = torch.linspace(low, high, bins + 1, dtype=torch.float64, device=values.device)
+    centres = 0.5 * (centres[1:] + centres[:-1])
+    w0 = counts.cumsum(0)
+    m0 = (counts * centres).cumsum(0)
+    total, mean_total = w0[-1], m0[-1]
+    w1 = total - w0
+    between = (m0 * total - w0 * mean_total) ** 2 / (w0 * w1).clamp(min=1e-12)
+    between[w1 <= 0] = -1.0
+    k = int(torch.argmax(between))
+    return torch.tensor(low + (k + 1) * (high - low) / bins, dtype=values.dtype, device=values.device)
+
+
 def _fidelity_difference(x: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
                          outside: torch.Tensor) -> torch.Tensor:
     """``r = ||x - c1||^2 - ||x - c2||^2`` per voxel; +1 outside the mask (pushes u to 0)."""
     diff = (c1 - c2).view(-1, 1, 1, 1)
     r = (x * diff).sum(dim=0).mul_(-2.0).add_(float((c1 * c1).sum() - (c2 * c2).sum()))
     return r.masked_fill_(outside, 1.0)
+
+
+class _Level:
+    """One resolution level of the Chan-Vese problem: data, mask, grid and the fit state."""
+
+    def __init__(self, x: torch.Tensor, mask: torch.Tensor, spacing: Sequence[float]) -> None:
+        self.x = x
+        self.mask = mask
+        self.outside = ~mask
+        self.mask_f = mask.to(torch.float32)
+        self.grid = _Grid(mask, spacing)
+        inside = x[:, mask]
+        self.n_vox = int(inside.shape[1])
+        self.sum_x = inside.sum(dim=1)
+        self.sum_x2 = float((inside.double() ** 2).sum())
+
+    def coarsened(self) -> _Level | None:
+        """The level at half resolution (2x2x2 mask-weighted averages), or None if too small."""
+        shape = self.mask.shape
+        if min(shape) < 8:
+            return None
+        pad = []
+        for n in reversed(shape):
+            pad += [0, n % 2]
+        mask_f = F.pad(self.mask_f, pad)[None, None]
+        x = F.pad(self.x * self.mask_f, pad)[None]
+        den = F.avg_pool3d(mask_f, 2)[0, 0]
+        num = F.avg_pool3d(x, 2)[0]
+        mask = den >= 0.5
+        if int(mask.sum()) < 64:
+            return None
+        xc = (num / den.clamp(min=1e-6)).masked_fill_(~mask, 0.0)
+        return _Level(xc, mask, [2.0 / inv for inv in self.grid.inv_h])
+
+    def fidelity(self, u: torch.Tensor, r: torch.Tensor, c2: torch.Tensor) -> float:
+        """``sum u ||x - c1||^2 + (1 - u) ||x - c2||^2`` = ``sum ||x - c2||^2 + sum u r``."""
+        base = self.sum_x2 - 2.0 * float((c2 * self.sum_x).sum()) + self.n_vox * float((c2 * c2).sum())
+        return base + float((u * r * self.mask_f).sum())
+
+    def means(self, u: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form phase means for the relaxed indicator ``u`` (kept when a phase is empty)."""
+        su = float(u.sum())
+        ux = (self.x * u).flatten(1).sum(dim=1)
+        new1 = ux / su if su > 1e-6 else c1
+        new2 = (self.sum_x - ux) / (self.n_vox - su) if self.n_vox - su > 1e-6 else c2
+        return new1, new2
+
+    def fit(
+        self,
+        c1: torch.Tensor,
+        c2: torch.Tensor,
+        lam: float,
+        u: torch.Tensor | None,
+        p: list[torch.Tensor] | None,
+        max_iter: int,
+        every: int,
+        tol: float,
+    ) -> dict[str, Any]:
+        """Alternate Chambolle-Pock steps on u with mean updates until the energy settles."""
+        grid = self.grid
+        tau = 1.0 / (2.0 * sum(grid.inv_h))
+        sigmas = [0.5 / inv for inv in grid.inv_h]
+        r = _fidelity_difference(self.x, c1, c2, self.outside)
+        if u is None:
+            u = (r < 0).to(torch.float32)
+        u = u.mul(self.mask_f)
+        if p is None or lam == 0:
+            p = [torch.zeros_like(u) for _ in range(3)]
+        u_bar = u.clone()
+        u_new = torch.empty_like(u)
+        force = torch.empty_like(u)
+        work = torch.empty_like(u)
+        history: list[float] = []
+        converged = False
+        done = 0
+        while done < max_iter:
+            for _ in range(min(every, max_iter - done)):
+                if lam > 0:
+                    grid.ascend(p, u_bar, sigmas)
+                    _project(p, lam, work)
+                    grid.divergence(p, out=force)
+                    force.sub_(r)
+                else:
+                    torch.neg(r, out=force)
+                torch.add(u, force, alpha=tau, out=u_new).clamp_(0.0, 1.0)
+                torch.sub(u_new, u, out=u_bar).add_(u_new)  # over-relaxation: 2 u_new - u
+                u, u_new = u_new, u
+                done += 1
+            u.mul_(self.mask_f)
+            c1, c2 = self.means(u, c1, c2)
+            r = _fidelity_difference(self.x, c1, c2, self.outside)
+            history.append(self.fidelity(u, r, c2) + (lam * grid.tv(u) if lam > 0 else 0.0))
+            logger.debug("Mumford-Shah: %s voxels, step %d, E=%.8g", tuple(u.shape), done, history[-1])
+            if len(history) >= 2 and abs(history[-2] - history[-1]) <= tol * max(abs(history[-1]), 1e-12):
+                converged = True
+                break
+        return {"u": u, "p": p, "r": r, "c1": c1, "c2": c2, "history": history,
+                "n_iter": done, "converged": converged}
+
+
+def _upsample(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling, cropped to ``shape``."""
+    for axis in range(3):
+        t = t.repeat_interleave(2, dim=axis)
+    return t[: shape[0], : shape[1], : shape[2]].contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +482,8 @@ def mumford_shah_probability(
     tol: float = 1e-4,
     update_every: int = 10,
     init_percentile: float = DEFAULT_INIT_PERCENTILE,
+    dark_floor_quantile: float | None = DEFAULT_DARK_FLOOR_QUANTILE,
+    multiscale: bool = True,
     device: _DeviceLike = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     r"""Soft two-phase piecewise-constant Mumford-Shah (Chan-Vese) segmentation of the brain.
@@ -371,11 +528,22 @@ def mumford_shah_probability(
         the inverse Lipschitz constant of the dual gradient).
     tol : float, default 1e-4
         The fit stops when the relative change of the energy between two mean updates is
-        below ``tol``; the soft map stops when no voxel changes by more than ``10 * tol``.
+        below ``tol``; the soft map stops when no voxel changes by more than ``100 * tol``
+        over 10 steps.
     update_every : int, default 10
         Primal-dual steps between two updates of the phase means.
     init_percentile : float, default 97
         Brain voxels above this percentile of the bright channel seed the foreground.
+    floor_dark : bool, default True
+        Floor the bright channel at its brain median before fitting. Lesions are brighter
+        than normal tissue, so every voxel darker than the median (CSF, sulci) belongs to the
+        background whatever its exact value; without the floor a large dark population can
+        make the two-phase fit split "dark versus the rest" instead of "bright versus the
+        rest". The fitted means are reported for the floored channel.
+    multiscale : bool, default True
+        Fit first on a 2x2x2-averaged copy (8 times fewer voxels) and use the result to
+        warm-start the full-resolution fit, which then needs only a few steps. The final
+        energy is that of the full-resolution problem either way.
     device : str or torch.device, optional
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available). Default: the
         device of ``channels`` when it is a tensor, else the CPU.
@@ -421,6 +589,9 @@ def mumford_shah_probability(
     max_soft = _check_int("n_iter_soft", n_iter_soft, 0)
     every = _check_int("update_every", update_every, 1)
     tolerance = _check_number("tol", tol, allow_zero=True)
+    soft_tol = 100.0 * tolerance
+    floor_q = _check_floor_quantile(dark_floor_quantile)
+    multiscale = _check_bool("multiscale", multiscale)
     q_init = _check_percentile(init_percentile)
     h = _check_spacing(spacing)
     bright = _check_int("bright_channel", bright_channel, 0)
@@ -463,15 +634,13 @@ def mumford_shah_probability(
             )
         )
         mask = mask_all[box].to(dev)
-        outside = ~mask
-        x = x_all[(slice(None), *box)].to(device=dev, dtype=torch.float32).clone()
-        x[:, outside] = 0.0
+        x = x_all[(slice(None), *box)].to(device=dev, dtype=torch.float32, copy=True)
+        x[:, ~mask] = 0.0
         inside = x[:, mask]  # (C, N)
         if not bool(torch.isfinite(inside).all()):
             raise InvalidImageError(
                 "the image holds NaN/Inf values inside the brain mask; fix or mask them first"
             )
-        n_vox = int(inside.shape[1])
         scales: list[float] = []
         for c in range(n_channels):
             values = inside[c]
@@ -487,98 +656,79 @@ def mumford_shah_probability(
                 scale = 1.0  # a constant channel adds the same cost to both phases
             scales.append(scale)
         scale_t = torch.tensor(scales, dtype=torch.float32, device=dev)
+        floor = None if floor_q is None else float(_quantile(inside[bright], floor_q))
+        if floor is not None:
+            # Below-median voxels of the bright channel (CSF, sulci) are background whatever
+            # their exact value; flooring them keeps a dark population from driving the split.
+            x[bright].clamp_(min=floor)
+            x[bright][~mask] = 0.0
         x.div_(scale_t.view(-1, 1, 1, 1))
+        del inside
+        fine = _Level(x, mask, h)
+
+        # ---- label-free initialisation: two seeds, keep the lower Chan-Vese energy ----------
+        bvals = x[bright][mask]
+        seeds = {
+            "percentile": _seed_above(bvals, _quantile(bvals, q_init / 100.0)),
+            "otsu": _seed_above(bvals, _otsu_threshold(bvals)),
+        }
         inside = x[:, mask]
-
-        # ---- label-free initialisation ------------------------------------------------------
-        bvals = inside[bright]
-        threshold = _quantile(bvals, q_init / 100.0)
-        seed = bvals > threshold
-        if not bool(seed.any()):
-            seed = bvals >= threshold
-        if bool(seed.all()):  # pragma: no cover - excluded by the scale check above
+        starts = []
+        for name, seed in seeds.items():
+            seed_f = seed.to(torch.float32)
+            n_seed = float(seed_f.sum())
+            if n_seed == 0 or n_seed == seed_f.numel():
+                continue
+            starts.append((
+                name,
+                (inside * seed_f).sum(dim=1) / n_seed,
+                (inside * (1.0 - seed_f)).sum(dim=1) / (seed_f.numel() - n_seed),
+            ))
+        if not starts:  # pragma: no cover - excluded by the scale check above
             raise InvalidImageError(f"the bright channel ({bright}) is constant inside the brain mask")
-        seed_f = seed.to(torch.float32)
-        c1 = (inside * seed_f).sum(dim=1) / seed_f.sum()
-        c2 = (inside * (1.0 - seed_f)).sum(dim=1) / (1.0 - seed_f).sum()
-        sum_x = inside.sum(dim=1)
-        sum_x2 = float((inside.double() ** 2).sum())
-        del inside, bvals, seed, seed_f
+        del inside, bvals, seeds
 
-        grid = _Grid(mask, h)
-        mask_f = mask.to(torch.float32)
-
-        def fidelity(u: torch.Tensor, r: torch.Tensor) -> float:
-            # sum ||x - c2||^2 + sum u r  ==  sum u ||x - c1||^2 + (1 - u) ||x - c2||^2
-            base = sum_x2 - 2.0 * float((c2 * sum_x).sum()) + n_vox * float((c2 * c2).sum())
-            return base + float((u * r * mask_f).sum())
-
-        def energy(u: torch.Tensor, r: torch.Tensor) -> float:
-            return fidelity(u, r) + (lam * grid.tv(u) if lam > 0 else 0.0)
-
-        def means(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            su = float(u.sum())
-            ux = (x * u).flatten(1).sum(dim=1)
-            new1 = ux / su if su > 0 else c1
-            new2 = (sum_x - ux) / (n_vox - su) if n_vox - su > 0 else c2
-            return new1, new2
-
-        # ---- Chan-Vese fit: Chambolle-Pock on u, closed-form means --------------------------
-        tau = 1.0 / (2.0 * sum(grid.inv_h))
-        sigmas = [0.5 / inv for inv in grid.inv_h]
-        r = _fidelity_difference(x, c1, c2, outside)
-        u = (r < 0).to(torch.float32).mul_(mask_f)
-        u_bar = u.clone()
-        u_new = torch.empty_like(u)
-        force = torch.empty_like(u)
-        work = torch.empty_like(u)
-        p = [torch.zeros_like(u) for _ in range(3)]
-        history: list[float] = []
-        converged = False
-        done = 0
-        n_updates = 0
-        while done < max_iter:
-            for _ in range(min(every, max_iter - done)):
-                if lam > 0:
-                    grid.ascend(p, u_bar, sigmas)
-                    _project(p, lam, work)
-                    grid.divergence(p, out=force)
-                    force.sub_(r)
-                else:
-                    torch.neg(r, out=force)
-                torch.add(u, force, alpha=tau, out=u_new).clamp_(0.0, 1.0)
-                torch.sub(u_new, u, out=u_bar).add_(u_new)  # over-relaxation 2 u_new - u
-                u, u_new = u_new, u
-                done += 1
-            u.mul_(mask_f)
-            c1, c2 = means(u)
-            n_updates += 1
-            r = _fidelity_difference(x, c1, c2, outside)
-            history.append(energy(u, r))
-            logger.debug("Mumford-Shah: step %d, E=%.8g, c1=%s, c2=%s", done, history[-1],
-                         (c1 * scale_t).tolist(), (c2 * scale_t).tolist())
-            if len(history) >= 2 and abs(history[-2] - history[-1]) <= tolerance * max(abs(history[-1]), 1e-12):
-                converged = True
-                break
-        del u_bar, u_new
+        # ---- Chan-Vese fit: coarse level first, then the full resolution --------------------
+        coarse = fine.coarsened() if multiscale else None
+        first = coarse if coarse is not None else fine
+        fits = {name: first.fit(c1, c2, lam, None, None, max_iter, every, tolerance)
+                for name, c1, c2 in starts}
+        start = min(fits, key=lambda name: fits[name]["history"][-1])
+        fit = fits[start]
+        start_energies = {name: float(f["history"][-1]) for name, f in fits.items()}
+        del fits
+        coarse_iter = 0
+        if coarse is not None:
+            c1, c2, coarse_iter = fit["c1"], fit["c2"], fit["n_iter"]
+            u0 = _upsample(fit["u"], mask.shape)
+            p0 = [_upsample(pd, mask.shape).mul_((w > 0).to(torch.float32))
+                  for pd, w in zip(fit["p"], fine.grid.weights)]
+            del coarse, fit
+            fit = fine.fit(c1, c2, lam, u0, p0, max_iter, every, tolerance)
+            del u0, p0
+        u, p, r, c1, c2 = fit["u"], fit["p"], fit["r"], fit["c1"], fit["c2"]
+        history, done, converged = fit["history"], fit["n_iter"], fit["converged"]
+        del fit
+        grid, mask_f, n_vox = fine.grid, fine.mask_f, fine.n_vox
 
         # ---- the foreground is the phase that is brighter in the bright channel -------------
         swapped = bool(c1[bright] < c2[bright])
         if swapped:
             c1, c2 = c2, c1
             u = (1.0 - u).mul_(mask_f)
-            r = _fidelity_difference(x, c1, c2, outside)
+            r = _fidelity_difference(x, c1, c2, fine.outside)
             for pd in p:
                 pd.neg_()
         hard_cv = (u >= 0.5) & mask
         # within-phase variance per channel (ML estimate): the fidelity term / (N C)
-        within = max(fidelity(u, r), 0.0) / (n_vox * n_channels)
+        within = max(fine.fidelity(u, r, c2), 0.0) / (n_vox * n_channels)
         eps = eps_given if eps_given is not None else 2.0 * within
         if not eps > 0:
             eps = 1e-3  # a perfectly piecewise-constant image: (almost) binary map
 
         # ---- soft map: entropy-smoothed problem at fixed means, FISTA on the dual ------------
         z = torch.empty_like(u)
+        work = torch.empty_like(u)
         soft_steps = 0
         if lam > 0 and max_soft > 0:
             step = eps / sum(inv * inv for inv in grid.inv_h)
@@ -602,7 +752,7 @@ def mumford_shah_probability(
                 if soft_steps % 10 == 0:
                     grid.divergence(p, out=z)
                     current = torch.sigmoid(z.sub_(r).div_(eps)).mul_(mask_f)
-                    if previous is not None and float((current - previous).abs().max()) <= 10 * tolerance:
+                    if previous is not None and float((current - previous).abs().max()) <= soft_tol:
                         break
                     previous = current
             grid.divergence(p, out=z)
@@ -623,8 +773,8 @@ def mumford_shah_probability(
         out[box] = prob.cpu()
         probability = out.numpy()
 
-    c_fg = [float(v) for v in (c1 * scale_t).cpu().tolist()]
-    c_bg = [float(v) for v in (c2 * scale_t).cpu().tolist()]
+    c_fg = (c1 * scale_t).cpu().tolist()
+    c_bg = (c2 * scale_t).cpu().tolist()
     seconds = time.perf_counter() - t0
     if not converged:
         logger.info("Mumford-Shah: stopped after n_iter=%d steps before the energy settled "
@@ -632,21 +782,22 @@ def mumford_shah_probability(
     if n_soft == 0:
         logger.warning("Mumford-Shah: no brain voxel reached foreground probability 0.5")
     logger.info(
-        "Mumford-Shah: %d+%d steps, E=%.6g, foreground %.2f%% of the brain, c_fg=%s, c_bg=%s, "
-        "eps=%.3g, %.1fs on %s", done, soft_steps, history[-1], 100.0 * fg_fraction,
-        [round(v, 3) for v in c_fg], [round(v, 3) for v in c_bg], eps, seconds, dev,
+        "Mumford-Shah: %d coarse + %d fine + %d soft steps, E=%.6g, foreground %.2f%% of the "
+        "brain, c_fg=%s, c_bg=%s, eps=%.3g, %.1fs on %s", coarse_iter, done, soft_steps,
+        history[-1], 100.0 * fg_fraction, [round(v, 3) for v in c_fg],
+        [round(v, 3) for v in c_bg], eps, seconds, dev,
     )
     info: dict[str, Any] = {
         "n_iter": int(done),
+        "n_iter_coarse": int(coarse_iter),
         "n_iter_soft": int(soft_steps),
-        "n_mean_updates": int(n_updates),
         "converged": bool(converged),
         "energy": float(history[-1]),
         "energy_history": [float(e) for e in history],
-        "c_fg": c_fg,
-        "c_bg": c_bg,
-        "c_fg_bright": c_fg[bright],
-        "c_bg_bright": c_bg[bright],
+        "c_fg": [float(v) for v in c_fg],
+        "c_bg": [float(v) for v in c_bg],
+        "c_fg_bright": float(c_fg[bright]),
+        "c_bg_bright": float(c_bg[bright]),
         "within_variance": float(within),
         "epsilon": float(eps),
         "foreground_fraction": float(fg_fraction),
@@ -654,6 +805,7 @@ def mumford_shah_probability(
         "hard_agreement": float(agreement),
         "swapped": swapped,
         "scale": [float(s) for s in scales],
+        "dark_floor": None if floor is None else float(floor),
         "length_weight": float(lam),
         "spacing": [float(v) for v in h],
         "seconds": float(seconds),
