@@ -15,6 +15,8 @@ from .exceptions import (
 
 __all__ = [
     "__version__",
+    "Refiner",
+    "RefinerConfig",
     "CGCRefineError",
     "CheckpointError",
     "DeviceUnavailableError",
@@ -25,3 +27,15 @@ __all__ = [
     "OutputNotWritableError",
     "SpaceMismatchError",
 ]
+
+
+def __getattr__(name: str):  # lazy: keep ``import cgc_refine`` (and ``cgc-refine --help``) light
+    if name == "Refiner":
+        from .refiner import Refiner
+
+        return Refiner
+    if name == "RefinerConfig":
+        from .config import RefinerConfig
+
+        return RefinerConfig
+    raise AttributeError(f"module 'cgc_refine' has no attribute {name!r}")

@@ -427,11 +427,35 @@ def _sidecar_base(command: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+class _DropMessages(logging.Filter):
+    """Drop log records that an error raised right after says better."""
+
+    def __init__(self, phrases: Sequence[str]) -> None:
+        super().__init__()
+        self.phrases = tuple(phrases)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(phrase in message for phrase in self.phrases)
+
+
+@contextlib.contextmanager
+def _dropping(logger_name: str, *phrases: str) -> Iterator[None]:
+    target = logging.getLogger(logger_name)
+    dropper = _DropMessages(phrases)
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
 def _load_image(paths: Sequence[str]) -> Any:
     """Read the image(s) as one Volume and refuse a constant channel."""
     from .io import load_volume
 
-    volume = load_volume([Path(p) for p in paths], name="image")
+    with _dropping("cgc_refine.io", "is constant"):  # an error below says it
+        volume = load_volume([Path(p) for p in paths], name="image")
     for index, channel in enumerate(volume.data):
         low, high = float(channel.min()), float(channel.max())
         if low == high:
@@ -449,7 +473,8 @@ def _brain_mask(path: str | None, volume: Any, modality: str) -> Any:
 
     if path is None:
         return derive_brain_mask(volume.data, modality=modality)  # type: ignore[arg-type]
-    mask = load_mask(Path(path), reference=volume, name="brain mask")
+    with _dropping("cgc_refine.io", "holds no voxel above 0.5"):  # the error below says it
+        mask = load_mask(Path(path), reference=volume, name="brain mask")
     if not mask.any():
         raise EmptyMaskError(
             f"brain mask file '{path}' is empty (no voxel above 0.5); pass this image's brain "
@@ -538,6 +563,11 @@ def _prior_argument(prior: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _window_size(refiner: Any) -> list[int]:
+    """The sliding-window size of a fitted refiner (the crop for older models)."""
+    return [int(v) for v in getattr(refiner, "window_size_", refiner.crop_size_)]
+
+
 def _build_config(
     *, fast: bool, iterations: int | None, threshold: float | None, min_size_mm3: float | None,
     crop_size: Sequence[int] | None,
@@ -583,7 +613,8 @@ def _common_options(*, output_help: str) -> Callable[[Callable[..., Any]], Calla
         func = click.option("-q", "--quiet", is_flag=True,
                             help="Only errors; no progress bar, no result lines.")(func)
         func = click.option("--overwrite", is_flag=True, help="Replace existing output files.")(func)
-        func = click.option("-o", "--output", type=str, default=None, help=output_help)(func)
+        func = click.option("-o", "--output", type=str, default=None, metavar="PATH",
+                            help=output_help)(func)
         return func
 
     return decorate
@@ -607,11 +638,12 @@ def _postprocess_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--crop-size", type=click.IntRange(min=1), nargs=3, default=None,
-                        hidden=True, help="Advanced: training crop / inference window.")(func)
+                        hidden=True, help="Advanced: training crop size (voxels).")(func)
     func = click.option("--seed", type=int, default=0, show_default=True,
                         help="Random seed (weights, crops, flips).")(func)
     func = click.option("--iterations", type=click.IntRange(min=1), default=None,
-                        help="Training iterations (default: 150 with --fast, 2000 otherwise).")(func)
+                        help="Training iterations (default: the --fast configuration's, else "
+                             "the paper's 2000).")(func)
     func = click.option("--fast", is_flag=True,
                         help="Reduced network and crops that train in minutes on a CPU.")(func)
     func = _postprocess_options(func)
@@ -676,6 +708,10 @@ class _CLIGroup(click.Group):
             code = EXIT_INTERRUPTED
         except click.exceptions.Exit as exc:
             code = exc.exit_code
+        except BrokenPipeError:  # e.g. "cgc-refine evaluate ... | head": nothing left to say
+            with contextlib.suppress(Exception):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+            code = EXIT_UNEXPECTED
         except click.ClickException as exc:
             message = exc.format_message()
             if isinstance(exc, click.UsageError):
@@ -850,7 +886,7 @@ def _run_single(
         "min_size_mm3": float(config.min_size_mm3),
         "config": config.to_dict(),
         "training": {"n_iter": int(refiner.n_iter_), "crop_size": list(refiner.crop_size_),
-                     "history": refiner.history_},
+                     "window_size": _window_size(refiner), "history": refiner.history_},
         "lesion": {"voxels": n_voxels, "volume_mm3": n_voxels * voxel_mm3},
         "timings": timings,
     })
@@ -1082,7 +1118,7 @@ def fit_command(
         "n_channels": n_channels,
         "config": config.to_dict(),
         "training": {"n_iter": int(refiner.n_iter_), "crop_size": list(refiner.crop_size_),
-                     "history": refiner.history_},
+                     "window_size": _window_size(refiner), "history": refiner.history_},
         "timings": {"load_and_prior_s": prior_seconds, "train_s": train_seconds},
     })
     with _transaction(overwrite) as tx:
@@ -1099,7 +1135,8 @@ def fit_command(
 
 
 @main.command("predict")
-@click.option("--model", "model", required=True, metavar="MODEL", help="Model written by fit or --save-model.")
+@click.option("--model", "model", required=True, metavar="MODEL",
+              help="Model written by fit or --save-model.")
 @click.option("--image", "images", multiple=True, required=True, metavar="IMG",
               help="Image file; repeat for several modalities, in the model's order.")
 @click.option("--brain-mask", default=None, metavar="MASK", help="Brain mask (default: derived).")
@@ -1154,7 +1191,8 @@ def predict_command(
                    "brain_mask": _abs(brain_mask) if brain_mask else "derived"},
         "outputs": {"mask": _abs(mask_path), "probability": _abs(proba_path)},
         "model": {"n_iter": int(refiner.n_iter_), "n_channels": int(refiner.n_channels_in_),
-                  "crop_size": list(refiner.crop_size_), "priors": refiner.priors_},
+                  "crop_size": list(refiner.crop_size_), "window_size": _window_size(refiner),
+                  "priors": refiner.priors_},
         "modality": refiner.modality,
         "seed": int(refiner.random_state),
         "device": str(refiner.device_),
@@ -1253,9 +1291,10 @@ def evaluate_command(
 
     rows: list[tuple[str, dict[str, float]]] = []
     for name, pred_path, truth_path in pairs:
-        truth_volume = load_volume(truth_path, name="truth")
-        pred_data, _ = load_array(pred_path, reference=truth_volume, name="prediction",
-                                  error=InvalidImageError)
+        with _dropping("cgc_refine.io", "is constant", "holds no voxel"):  # empty masks are valid
+            truth_volume = load_volume(truth_path, name="truth")
+            pred_data, _ = load_array(pred_path, reference=truth_volume, name="prediction",
+                                      error=InvalidImageError)
         scores = evaluate(pred_data, truth_volume.data[0], spacing=truth_volume.spacing)
         rows.append((name, scores))
     with warnings.catch_warnings():
@@ -1285,8 +1324,8 @@ def evaluate_command(
 # demo
 # --------------------------------------------------------------------------------------------
 
-DEMO_SHAPE = (64, 64, 32)
-DEMO_ITERATIONS = 40
+DEMO_SHAPE = (48, 48, 24)
+DEMO_ITERATIONS = 50
 
 
 @main.command("demo")
@@ -1298,7 +1337,7 @@ DEMO_ITERATIONS = 40
 @click.option("--shape", type=click.IntRange(min=8), nargs=3, default=DEMO_SHAPE, hidden=True,
               help="Advanced: phantom grid size.")
 @click.option("--crop-size", type=click.IntRange(min=1), nargs=3, default=None, hidden=True,
-              help="Advanced: training crop / inference window.")
+              help="Advanced: training crop size (voxels).")
 @_device_option
 @_common_options(output_help="Folder for the phantom, its prior and the refined mask "
                              "(created if missing; nothing is written without -o).")

@@ -438,7 +438,7 @@ class Refiner(BaseEstimator):
     def _write(self, path: str | os.PathLike[str], *, overwrite: bool, optimizer_state: Any = None,
                sampler_state: Any = None) -> Path:
         target = Path(path)
-        if target.exists() and not overwrite:
+        if os.path.lexists(target) and not overwrite:
             raise OutputExistsError(f"{target} exists; pass overwrite=True (or --overwrite) to replace it")
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -465,6 +465,9 @@ class Refiner(BaseEstimator):
         os.close(handle)
         try:
             torch.save(state, temporary)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode
             os.replace(temporary, target)
         except BaseException:
             if os.path.exists(temporary):
@@ -481,17 +484,15 @@ class Refiner(BaseEstimator):
         CheckpointError
             If the file is missing, corrupted, or not a cgc_refine model.
         """
+        resolved = resolve_device(device)
         state = _read_checkpoint(path)
         try:
             config = RefinerConfig.from_dict(state["config"])
             refiner = cls(prior=None, config=config, modality=state["modality"], device=device,
                           random_state=int(state["random_state"]))
-            resolved = resolve_device(device)
             network = build_network(config, int(state["n_channels_in"]))
             network.load_state_dict(state["state_dict"])
         except (KeyError, TypeError, RuntimeError, ValueError) as error:
-            if isinstance(error, CheckpointError):
-                raise
             raise CheckpointError(f"{path} is not a usable cgc_refine model ({error}); retrain or re-save it") from None
         refiner.network_ = network.to(resolved).to(memory_format=torch.channels_last_3d).eval()
         refiner.config_ = config

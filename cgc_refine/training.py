@@ -29,6 +29,7 @@ __all__ = [
     "CropSampler",
     "build_network",
     "train_network",
+    "training_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,20 +296,15 @@ def train_network(
         optimizer.load_state_dict(optimizer_state)
     step_model: Any = network
     if config.compile and device.type == "cuda":
-        step_model = torch.compile(network)
+        # forward_train is what training calls, so that is the method compiled.
+        step_model = _CompiledTrain(network)
     network.train()
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {"total": [], "bce": [], "coarse": [], "fine": []}
     started = time.perf_counter()
     for iteration in range(start_iteration + 1, config.iterations + 1):
-        image, prior, brain = sampler.batch(config.batch_size)
-        image, prior, brain = (t.to(device, non_blocking=True) for t in (image, prior, brain))
-        with _autocast(device, config.amp):
-            output = step_model.forward_train(image) if step_model is network else _compiled_train(step_model, image)
-        total, parts = loss_fn(output, prior, brain)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        batch = sampler.batch(config.batch_size)
+        parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp)
         values = {key: float(value) for key, value in parts.items()}
         for key in window:
             window[key].append(values.get(key, 0.0))
@@ -331,6 +327,33 @@ def train_network(
     return history, optimizer.state_dict()
 
 
-def _compiled_train(compiled: Any, image: torch.Tensor) -> Any:
-    """Run ``forward_train`` through a compiled module (compile wraps ``forward`` only)."""
-    return compiled._orig_mod.forward_train(image)  # pragma: no cover - CUDA only
+class _CompiledTrain:
+    """Expose a compiled ``forward_train`` of a network (``torch.compile`` wraps forward)."""
+
+    def __init__(self, network: CGCUNet) -> None:
+        self.forward_train = torch.compile(network.forward_train)
+
+
+def training_step(
+    model: Any,
+    loss_fn: CGCLoss,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    device: torch.device,
+    amp: bool,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step on a batch (image, prior, brain mask); returns the loss parts.
+
+    ``model`` is a :class:`CGCUNet` or its ``torch.compile`` wrapper. Inputs go to
+    ``device`` in channels-last layout; the forward pass runs under bf16 autocast on CUDA
+    when ``amp`` is set (the losses compute in float32 regardless).
+    """
+    image, prior, brain = (t.to(device, non_blocking=True) for t in batch)
+    image = image.contiguous(memory_format=torch.channels_last_3d)
+    with _autocast(device, amp):
+        output = model.forward_train(image)
+    total, parts = loss_fn(output, prior, brain)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return parts

@@ -418,14 +418,6 @@ def test_gmm_prior_ct_hyperdense_lesion(k: int) -> None:
     assert pm.params["modality"] == "ct"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GMMPrior docstring (gmm.py line 317-318) says modality='ct' reads channel "
-    "bright_channel in HU through the brain window, but prepare_prior_input (base.py line "
-    "171) always windows channel 0 and derive_brain_mask(modality='ct') (base.py line 156, "
-    "brain.py line 97) uses channel 0; with the HU image in channel 1 the mask is derived from the wrong channel "
-    "and the haematoma is missed (Dice ~0.03)",
-)
 def test_gmm_prior_ct_bright_channel_one() -> None:
     ph = ct_phantom(seed=1)
     other = np.zeros(ph["hu"].shape, np.float32)
@@ -506,12 +498,6 @@ def test_gmm_prior_get_params_as_given() -> None:
     assert clone(prior).get_params() == kwargs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _validate (gmm.py line 367) accepts numpy integers for n_components, but "
-    "compute (gmm.py line 436) copies get_params() verbatim into ProbabilityMap.params, "
-    "so np.int64(4) makes the params not JSON-serialisable as base.py documents",
-)
 def test_gmm_prior_numpy_integer_params_json_serialisable() -> None:
     image, brain = small_volume()
     pm = GMMPrior(n_components=np.int64(4)).compute(image, brain)
