@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# command: python benchmarks/refine_brats.py {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     print()
     names = [s.name.replace("brats_2013_", "") for s in subjects]
-    print("| method | " + " | ".join(names) + " | mean ± sd Dice | mean ± sd ASSD mm | s |")
-    print("|---|" + "---|" * len(names) + "---|---|---|")
+    print("| method | " + " | ".join(names) + " | mean ± sd Dice | mean ± sd ASSD mm |")
+    print("|---|" + "---|" * len(names) + "---|---|")
     for key, values in dice.items():
         print(f"| {LABELS[key]} | " + " | ".join(f"{v:.4f}" for v in values)
-              + f" | {mean_sd(values)} | {mean_sd(assd[key])} | {seconds.get(key, 0.0):.0f} |")
+              + f" | {mean_sd(values)} | {mean_sd(assd[key])} |")
     return 0
 
 

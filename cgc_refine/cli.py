@@ -350,31 +350,12 @@ def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> Path:
     return path
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values (numpy scalars and arrays, paths, devices; NaN/Inf become null)."""
-    import math
-
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
-        return _json_safe(value.tolist())
-    return str(value)
-
-
 def _dump_json(payload: dict[str, Any]) -> str:
     import json
 
-    return json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
+    from ._utils import jsonable
+
+    return json.dumps(jsonable(payload, strict=True), indent=2, allow_nan=False) + "\n"
 
 
 class _Transaction:

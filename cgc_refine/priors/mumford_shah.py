@@ -117,6 +117,7 @@ from ..exceptions import (
     InvalidPriorError,
     SpaceMismatchError,
 )
+from ..device import resolve_device
 from .base import ProbabilityMap, prepare_prior_input
 
 __all__ = [
@@ -232,35 +233,27 @@ def _check_spacing(spacing: Any) -> tuple[float, float, float]:
 
 
 def _resolve_device(device: _DeviceLike, default: torch.device) -> torch.device:
-    """Turn ``"auto"``, ``"cpu"``, ``"cuda[:N]"``, a :class:`torch.device` or None into a device."""
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda[:N]"``, a :class:`torch.device` or None into a device.
+
+    Names are checked here (a bad one is a parameter error of this prior); availability is
+    checked by :func:`cgc_refine.device.resolve_device`.
+    """
     if device is None:
         return default
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, str | torch.device):
         raise InvalidPriorError(
             f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
         )
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidPriorError(
-            f"device={device!r} is not a device torch understands; use 'auto', 'cpu' or 'cuda'"
-        ) from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                f"device={device!r} asks for CUDA, but CUDA is not available on this machine; "
-                "pass device='cpu' or device='auto'"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"device={device!r} asks for CUDA device {dev.index}, but only "
-                f"{torch.cuda.device_count()} are visible; pick an index below that"
-            )
-    elif dev.type != "cpu":
-        raise InvalidPriorError(f"device={device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
-    return dev
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidPriorError(
+                f"device={device!r} is not a device torch understands; use 'auto', 'cpu' or 'cuda'"
+            ) from exc
+        if kind not in ("cpu", "cuda"):
+            raise InvalidPriorError(f"device={device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return resolve_device(device)
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
