@@ -324,7 +324,7 @@ class GMMPrior(BaseEstimator):
         ``tol``. The defaults (100, 1e-3) are scikit-learn's ``GaussianMixture`` defaults.
         Disclosure: they were adopted after seeing, on the six BraTS cases of
         ``../shared/data``, that EM run to ``tol=1e-6`` reaches a higher likelihood but a
-        lower brightest-component Dice (mean 0.778 against 0.802); ``benchmarks/RESULTS.md``
+        lower brightest-component Dice (mean 0.745 against 0.802); ``benchmarks/RESULTS.md``
         lists both.
     random_state : int
         Seed of the voxel subsample for ``channels="all"``.
