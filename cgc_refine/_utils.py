@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
-__all__ = ["jsonable"]
+from .exceptions import CGCRefineError, OutputExistsError, OutputNotWritableError
+
+__all__ = ["atomic_write", "check_writable_target", "jsonable"]
 
 
 def jsonable(value: Any, *, strict: bool = False) -> Any:
@@ -31,3 +36,63 @@ def jsonable(value: Any, *, strict: bool = False) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
         return jsonable(value.tolist(), strict=strict)
     return str(value) if strict else value
+
+
+def check_writable_target(path: Path, overwrite: bool) -> None:
+    """Refuse a folder, a missing parent folder, or an existing file without ``overwrite``."""
+    if path.is_dir():
+        raise OutputNotWritableError(f"cannot write '{path}': it is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputNotWritableError(
+            f"cannot write '{path}': folder '{path.parent}' does not exist; create it first "
+            f"(mkdir -p '{path.parent}') or choose another path"
+        )
+    if not overwrite and os.path.lexists(path):
+        raise OutputExistsError(
+            f"'{path}' already exists; pass overwrite=True (--overwrite) to replace it, or "
+            "choose another path"
+        )
+
+
+def atomic_write(path: Path, write: Any, *, overwrite: bool, binary: bool) -> Path:
+    """Call ``write(handle)`` on a hidden temporary file next to ``path``, then rename it.
+
+    The file appears complete or not at all: any failure, an interrupt included, removes the
+    temporary file. Without ``overwrite`` an existing ``path`` is refused, also one that
+    appeared while writing.
+    """
+    check_writable_target(path, overwrite)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    try:
+        handle: Any
+        if binary:
+            handle = open(tmp, "xb")  # noqa: SIM115 - closed below
+        else:
+            handle = open(tmp, "x", encoding="utf-8", newline="")  # noqa: SIM115
+        with handle:
+            write(handle)
+            handle.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(handle.fileno())
+        if not overwrite and os.path.lexists(path):
+            raise OutputExistsError(
+                f"'{path}' already exists (it appeared while writing); pass overwrite=True "
+                "(--overwrite) to replace it, or choose another path"
+            )
+        os.replace(tmp, path)
+    except PermissionError as exc:
+        raise OutputNotWritableError(
+            f"cannot write '{path}': permission denied ({exc.strerror}); fix the folder's "
+            "permissions or choose another output folder"
+        ) from exc
+    except OSError as exc:
+        if isinstance(exc, CGCRefineError):
+            raise
+        raise OutputNotWritableError(
+            f"cannot write '{path}' ({exc.strerror or exc}); check free disk space and the "
+            "output folder"
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return path

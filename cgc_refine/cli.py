@@ -317,37 +317,9 @@ def _real(path: Path) -> Path:
 
 def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> Path:
     """Write ``text`` through a hidden temporary file in the same folder, then rename."""
-    import secrets
+    from ._utils import atomic_write
 
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            with contextlib.suppress(OSError):
-                os.fsync(handle.fileno())
-        if not overwrite and os.path.lexists(path):
-            raise OutputExistsError(
-                f"output '{path}' already exists (it appeared while writing); pass --overwrite "
-                "to replace it, or choose another path"
-            )
-        os.replace(tmp, path)
-    except PermissionError as exc:
-        raise OutputNotWritableError(
-            f"cannot write '{path}': permission denied ({exc.strerror}); fix the folder's "
-            "permissions or choose another output folder"
-        ) from exc
-    except OSError as exc:
-        if isinstance(exc, CGCRefineError):
-            raise
-        raise OutputNotWritableError(
-            f"cannot write '{path}' ({exc.strerror or exc}); check free disk space and the "
-            "output folder"
-        ) from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda handle: handle.write(text), overwrite=overwrite, binary=False)
 
 
 def _dump_json(payload: dict[str, Any]) -> str:

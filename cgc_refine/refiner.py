@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,11 +18,11 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from ._utils import jsonable
+from ._utils import atomic_write, jsonable
 from ._version import __version__
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
-from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError, OutputExistsError
+from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError
 from .inference import sliding_window_predict
 from .postprocess import remove_small_components
 from .priors import GMMPrior, MumfordShahPrior, ProbabilityMap, as_probability_map, check_prior_informative
@@ -438,8 +437,6 @@ class Refiner(BaseEstimator):
     def _write(self, path: str | os.PathLike[str], *, overwrite: bool, optimizer_state: Any = None,
                sampler_state: Any = None) -> Path:
         target = Path(path)
-        if os.path.lexists(target) and not overwrite:
-            raise OutputExistsError(f"{target} exists; pass overwrite=True (or --overwrite) to replace it")
         state = {
             "format": CHECKPOINT_FORMAT,
             "cgc_refine_version": __version__,
@@ -456,23 +453,7 @@ class Refiner(BaseEstimator):
             "optimizer_state": optimizer_state,
             "sampler_state": jsonable(sampler_state),
         }
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            from .exceptions import OutputNotWritableError
-
-            raise OutputNotWritableError(f"cannot write to folder {folder}; check that it exists and is writable")
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        os.close(handle)
-        try:
-            torch.save(state, temporary)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode
-            os.replace(temporary, target)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        atomic_write(target, lambda handle: torch.save(state, handle), overwrite=overwrite, binary=True)
         return target
 
     @classmethod

@@ -13,14 +13,12 @@ only when a montage is drawn, and through its object-oriented API with the Agg c
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import html
 import json
 import logging
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +26,11 @@ from urllib.parse import quote
 
 import numpy as np
 
-from ._utils import jsonable
+from ._utils import atomic_write, check_writable_target, jsonable
 from ._version import __version__
 from .exceptions import (
     CGCRefineError,
     InvalidImageError,
-    OutputExistsError,
-    OutputNotWritableError,
     SpaceMismatchError,
 )
 
@@ -314,60 +310,6 @@ def _panel_inches(width_mm: float, height_mm: float) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise OutputNotWritableError(f"cannot write '{path}': it is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise OutputNotWritableError(
-            f"cannot write '{path}': folder '{path.parent}' does not exist; create it first "
-            f"(mkdir -p '{path.parent}') or choose another path"
-        )
-    if not overwrite and os.path.lexists(path):
-        raise OutputExistsError(
-            f"'{path}' already exists; pass overwrite=True (--overwrite) to replace it, or "
-            "choose another path"
-        )
-
-
-def _atomic_write(path: Path, write: Any, *, overwrite: bool, binary: bool) -> Path:
-    """Call ``write(handle)`` on a hidden temporary file next to ``path``, then rename it."""
-    _check_target(path, overwrite)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
-    try:
-        handle: Any
-        if binary:
-            handle = open(tmp, "xb")  # noqa: SIM115 - closed below
-        else:
-            handle = open(tmp, "x", encoding="utf-8", newline="")  # noqa: SIM115
-        with handle:
-            write(handle)
-            handle.flush()
-            with contextlib.suppress(OSError):
-                os.fsync(handle.fileno())
-        if not overwrite and os.path.lexists(path):
-            raise OutputExistsError(
-                f"'{path}' already exists (it appeared while writing); pass overwrite=True "
-                "(--overwrite) to replace it, or choose another path"
-            )
-        os.replace(tmp, path)
-    except PermissionError as exc:
-        raise OutputNotWritableError(
-            f"cannot write '{path}': permission denied ({exc.strerror}); fix the folder's "
-            "permissions or choose another output folder"
-        ) from exc
-    except OSError as exc:
-        if isinstance(exc, CGCRefineError):
-            raise
-        raise OutputNotWritableError(
-            f"cannot write '{path}' ({exc.strerror or exc}); check free disk space and the "
-            "output folder"
-        ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Montage
 # --------------------------------------------------------------------------------------------
@@ -462,7 +404,7 @@ def render_montage(
         bad = [s for s in chosen if not 0 <= s < size]
         if bad:
             raise ValueError(f"slice(s) {bad} out of range: axis {axis} has {size} slices (0-{size - 1})")
-    _check_target(out, overwrite)
+    check_writable_target(out, overwrite)
 
     low, high = _window(data, window)
     extent = panel_extent(data.shape, sp, axis)
@@ -515,7 +457,7 @@ def render_montage(
     def write(handle: Any) -> None:
         canvas.print_png(handle)
 
-    _atomic_write(out, write, overwrite=overwrite, binary=True)
+    atomic_write(out, write, overwrite=overwrite, binary=True)
     logger.info("wrote montage of slices %s (axis %d) to %s", chosen, axis, out)
     return out
 
@@ -644,6 +586,6 @@ def write_html_report(
         "",
     ]
     document = "\n".join(parts)
-    _atomic_write(out, lambda handle: handle.write(document), overwrite=overwrite, binary=False)
+    atomic_write(out, lambda handle: handle.write(document), overwrite=overwrite, binary=False)
     logger.info("wrote HTML report %s", out)
     return out

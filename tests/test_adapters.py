@@ -6,7 +6,6 @@ Synthetic arrays only; expected values are derived by hand in the comments.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import numpy as np

@@ -110,14 +110,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..exceptions import (
-    DeviceUnavailableError,
     EmptyMaskError,
     InvalidImageError,
     InvalidPriorError,
     SpaceMismatchError,
 )
-from ..device import resolve_device
 from .base import ProbabilityMap, prepare_prior_input
 
 __all__ = [
