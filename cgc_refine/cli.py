@@ -56,6 +56,7 @@ PROBSEG_SUFFIX = "label-lesion_probseg"
 EXIT_ERROR = 2
 EXIT_UNEXPECTED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report a kill
 
 logger = logging.getLogger("cgc_refine.cli")
 
@@ -730,6 +731,31 @@ def _interrupted() -> None:
     click.echo(f"{PROG}: interrupted; no output was written", err=True)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``), delivered as an interrupt so the same clean-up runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _catch_sigterm() -> Any:
+    """Route SIGTERM through the interrupt path (main thread only); return the old handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _CLIGroup(click.Group):
     """A group whose ``main`` turns every failure into one line and a meaningful exit code."""
 
@@ -744,6 +770,7 @@ class _CLIGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         _STATE.update(verbose=_count_verbose(argv), argv=argv, quiet=False)
         code = 0
+        previous_sigterm = _catch_sigterm()
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
@@ -753,15 +780,16 @@ class _CLIGroup(click.Group):
                 )
             code = result if isinstance(result, int) and not isinstance(result, bool) else 0
         except click.exceptions.Abort as exc:
-            if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, KeyboardInterrupt):
                 _interrupted()
-                code = EXIT_INTERRUPTED
+                code = EXIT_TERMINATED if isinstance(cause, _Terminated) else EXIT_INTERRUPTED
             else:
                 _error("aborted")
                 code = EXIT_UNEXPECTED
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _interrupted()
-            code = EXIT_INTERRUPTED
+            code = EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
         except click.exceptions.Exit as exc:
             code = exc.exit_code
         except BrokenPipeError:  # e.g. "cgc-refine evaluate ... | head": nothing left to say
@@ -790,6 +818,7 @@ class _CLIGroup(click.Group):
             code = EXIT_UNEXPECTED
         finally:
             _remove_handlers()
+            _restore_sigterm(previous_sigterm)
         if standalone_mode:
             sys.exit(code)
         return code

@@ -789,6 +789,30 @@ def test_console_script_sigint_exits_130_without_output(tmp_path: Path) -> None:
     assert listing(out) == []
 
 
+def test_console_script_sigterm_exits_143_without_output(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) takes the same clean-up path as Ctrl-C."""
+    exe = _console_script()
+    files = write_subject(tmp_path / "in", las_affine())
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [exe, "--prior", "gmm", "--image", str(files["image"]), "-o", str(out), "--save-proba",
+            "-v", "--fast", "--iterations", "100000", *CROP, "--device", "cpu"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:  # type: ignore[union-attr]
+            if "training on" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert listing(out) == []
+
+
 def test_console_script_version_and_help() -> None:
     exe = _console_script()
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
