@@ -217,6 +217,7 @@ class Refiner(BaseEstimator):
         checkpoint_path: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
         resume_from: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> "Refiner":
         """Compute the priors and train the network on them.
 
@@ -233,6 +234,12 @@ class Refiner(BaseEstimator):
             Where periodic checkpoints go (every ``checkpoint_every`` iterations).
         resume_from : path, optional
             A checkpoint written by :meth:`save` or a periodic checkpoint to continue from.
+        cache_dir : path, optional
+            Prepare subjects through a :class:`~cgc_refine.cache.SubjectCache` in this
+            folder: preprocessed arrays are stored on disk and trained from as memory maps
+            (only crops are held in memory or moved to the device), and a rerun with the same
+            images, priors, masks and modality skips preprocessing. The priors themselves are
+            still computed, since they are part of the cache key.
 
         Returns
         -------
@@ -257,10 +264,29 @@ class Refiner(BaseEstimator):
         priors = self._priors(loaded, masks)
         subjects: list[PreparedSubject] = []
         informative = 0
+        cache = None
+        if cache_dir is not None:
+            from .cache import SubjectCache
+
+            cache = SubjectCache(cache_dir)
         for index, ((prior, mask), volume) in enumerate(zip(priors, loaded)):
-            subject = prepare_subject(volume, prior, mask, self.modality, seed=self.random_state + index)
+            if cache is None:
+                subject = prepare_subject(volume, prior, mask, self.modality, seed=self.random_state + index)
+            else:
+                key = cache.key(
+                    volume.paths if volume.paths else volume.data, prior, mask,
+                    {"modality": self.modality, "seed": self.random_state + index},
+                )
+                subject = cache.get_or_create(
+                    key,
+                    lambda v=volume, p=prior, m=mask, i=index: prepare_subject(
+                        v, p, m, self.modality, seed=self.random_state + i
+                    ),
+                )
             try:
-                check_prior_informative(prior, None if mask is None else mask)
+                # Inside the brain mask the subject was prepared with (given or derived).
+                brain_box = np.asarray(subject.brain[0], dtype=bool)
+                check_prior_informative(ProbabilityMap(np.asarray(subject.prior[0])), brain_box)  # type: ignore[index]
                 informative += 1
             except InvalidPriorError as error:
                 if len(loaded) == 1:

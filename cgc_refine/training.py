@@ -44,11 +44,14 @@ class PreparedSubject:
 
     Attributes
     ----------
-    image : torch.Tensor
-        (C, x, y, z) float32 standardised channels inside the brain bounding box.
-    prior : torch.Tensor or None
+    image : torch.Tensor or numpy.ndarray
+        (C, x, y, z) float32 standardised channels inside the brain bounding box. A subject
+        read from a :class:`~cgc_refine.cache.SubjectCache` holds read-only ``numpy.memmap``
+        arrays instead of tensors (here and below); :class:`CropSampler` then converts only
+        the crops, and :meth:`to` leaves such a subject where it is.
+    prior : torch.Tensor, numpy.ndarray or None
         (1, x, y, z) float32 prior (None at inference).
-    brain : torch.Tensor
+    brain : torch.Tensor or numpy.ndarray
         (1, x, y, z) bool brain mask.
     bbox : tuple of slice
         Where the box sits in the original grid.
@@ -59,24 +62,30 @@ class PreparedSubject:
         oversampling; a random subset when there are many.
     """
 
-    image: torch.Tensor
-    prior: torch.Tensor | None
-    brain: torch.Tensor
+    image: torch.Tensor | np.ndarray
+    prior: torch.Tensor | np.ndarray | None
+    brain: torch.Tensor | np.ndarray
     bbox: tuple[slice, slice, slice]
     shape: tuple[int, int, int]
     foreground: np.ndarray
 
     def to(self, device: torch.device) -> "PreparedSubject":
-        """Move the tensors to ``device``."""
+        """Move the tensors to ``device`` (a memmap-backed subject is returned unchanged)."""
+        if isinstance(self.image, np.ndarray):
+            return self
         return PreparedSubject(
-            self.image.to(device), None if self.prior is None else self.prior.to(device),
-            self.brain.to(device), self.bbox, self.shape, self.foreground,
+            self.image.to(device),  # type: ignore[union-attr]
+            None if self.prior is None else self.prior.to(device),  # type: ignore[union-attr]
+            self.brain.to(device), self.bbox, self.shape, self.foreground,  # type: ignore[union-attr]
         )
 
     def nbytes(self) -> int:
-        """Memory held by the tensors."""
-        total = self.image.nelement() * 4 + self.brain.nelement()
-        return total + (0 if self.prior is None else self.prior.nelement() * 4)
+        """Memory held by the tensors (for a memmap-backed subject: the bytes on disk)."""
+        if isinstance(self.image, np.ndarray):
+            arrays = (self.image, self.brain, self.prior)
+            return sum(int(a.nbytes) for a in arrays if a is not None)
+        total = self.image.nelement() * 4 + self.brain.nelement()  # type: ignore[union-attr]
+        return total + (0 if self.prior is None else self.prior.nelement() * 4)  # type: ignore[union-attr]
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
@@ -158,6 +167,14 @@ def effective_crop_size(
     return tuple(crop)  # type: ignore[return-value]
 
 
+def _take(array: Any, box: tuple[slice, ...]) -> torch.Tensor:
+    """``array[:, box]`` as a tensor; a numpy (memmap) array is converted crop only."""
+    crop = array[(slice(None), *box)]
+    if isinstance(crop, np.ndarray):
+        return torch.from_numpy(np.array(crop, order="C"))
+    return crop
+
+
 class CropSampler:
     """Random training crops with prior-guided oversampling and random flips.
 
@@ -197,9 +214,9 @@ class CropSampler:
             int(np.clip(c - k // 2, 0, max(s - k, 0))) for c, k, s in zip(centre, self.crop_size, shape)
         ]
         box = tuple(slice(st, st + k) for st, k in zip(starts, self.crop_size))
-        image = subject.image[(slice(None), *box)]
-        prior = subject.prior[(slice(None), *box)]  # type: ignore[index]
-        brain = subject.brain[(slice(None), *box)]
+        image = _take(subject.image, box)
+        prior = _take(subject.prior, box)
+        brain = _take(subject.brain, box)
         pad = []
         for axis in (2, 1, 0):
             missing = self.crop_size[axis] - image.shape[axis + 1]

@@ -231,3 +231,10 @@ def test_refined_mask_beats_a_noisy_prior():
     refined_dice = dice(refined, phantom.truth)
     assert prior_dice < 0.5
     assert refined_dice > max(0.7, prior_dice + 0.3), (prior_dice, refined_dice)
+
+
+def test_full_prior_inside_a_derived_brain_mask_is_refused(phantom):
+    """A prior of 1 everywhere in the brain (0 outside) is 'full' even without a given mask."""
+    full = phantom.brain.astype(np.float32)
+    with pytest.raises(InvalidPriorError, match="every brain voxel"):
+        Refiner([full], prior_kind="probability", config=TINY, device="cpu").fit([phantom.volume])

@@ -1,0 +1,261 @@
+"""An on-disk cache of preprocessed subjects (:class:`~cgc_refine.training.PreparedSubject`).
+
+A cohort is preprocessed once: each subject's standardised, brain-cropped channels, prior and
+brain mask are written as ``.npy`` files under ``<root>/<key>/`` and read back as read-only
+memory maps, so training holds only the crops in memory and a rerun skips preprocessing.
+
+The key is a SHA-256 over the *content* of every input (image file bytes or array bytes,
+the prior's data and provenance, the brain mask, the preprocessing parameters and the cache
+format), so any change to an input gives a new entry. An entry is complete when its
+``meta.json`` exists: the files are written into a hidden temporary folder, ``meta.json``
+last, and the folder is then renamed into place, so a crash never leaves a half entry that
+looks complete. Incomplete or unreadable entries are rebuilt.
+
+Examples
+--------
+>>> cache = SubjectCache("/tmp/cgc-cache")                                 # doctest: +SKIP
+>>> key = cache.key(["flair.nii.gz"], prior, None, {"modality": "mri"})   # doctest: +SKIP
+>>> subject = cache.get_or_create(key, lambda: prepare_subject(...))      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._utils import atomic_write, jsonable
+from .exceptions import CGCRefineError, OutputNotWritableError
+from .priors.base import ProbabilityMap
+from .training import PreparedSubject
+
+__all__ = ["CACHE_FORMAT", "SubjectCache"]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the on-disk entry layout and of the preprocessing it stores; part of every key.
+CACHE_FORMAT = 1
+
+_CHUNK = 1 << 20
+_KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+_ARRAYS = ("image", "prior", "brain")
+
+
+def _field(digest: Any, tag: str, payload: bytes) -> None:
+    """Add one tagged, length-prefixed field (so adjacent fields cannot run together)."""
+    digest.update(f"{tag}:{len(payload)}:".encode())
+    digest.update(payload)
+
+
+def _hash_array(digest: Any, tag: str, array: Any) -> None:
+    data = np.ascontiguousarray(np.asarray(array))
+    _field(digest, f"{tag}.meta", json.dumps([data.dtype.str, list(data.shape)]).encode())
+    flat = data.reshape(-1).view(np.uint8)
+    digest.update(f"{tag}.bytes:{flat.size}:".encode())
+    for start in range(0, flat.size, _CHUNK):
+        digest.update(flat[start:start + _CHUNK])
+
+
+def _hash_file(digest: Any, tag: str, path: Path) -> None:
+    size = path.stat().st_size
+    digest.update(f"{tag}.file:{size}:".encode())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class SubjectCache:
+    """Content-addressed on-disk store of :class:`~cgc_refine.training.PreparedSubject`.
+
+    Parameters
+    ----------
+    root : path
+        Cache folder; created when missing.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+        The cache folder.
+    hits : int
+        Entries served from disk by :meth:`get_or_create`.
+    misses : int
+        Entries that had to be built.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputNotWritableError(
+                f"cannot create the cache folder '{self.root}' ({exc.strerror or exc}); choose "
+                "another cache_dir"
+            ) from exc
+        self.hits = 0
+        self.misses = 0
+
+    # ------------------------------------------------------------------------------ keys
+    @staticmethod
+    def key(
+        volume_paths_or_arrays: Any,
+        prior: ProbabilityMap | None,
+        brain_mask: np.ndarray | None,
+        params: dict[str, Any] | None = None,
+    ) -> str:
+        """SHA-256 over the content of everything preprocessing depends on.
+
+        Parameters
+        ----------
+        volume_paths_or_arrays : path, array, or sequence of paths / arrays
+            The image: file paths (their bytes are hashed, in order) or arrays (raw bytes,
+            shape and dtype).
+        prior : ProbabilityMap or None
+            The prior: data bytes, affine, source and parameters.
+        brain_mask : numpy.ndarray or None
+            The brain mask (None when it is derived from the image).
+        params : dict, optional
+            Preprocessing parameters (modality, seed, ...); JSON-serialisable.
+
+        Returns
+        -------
+        str
+            64 hexadecimal digits.
+        """
+        digest = hashlib.sha256()
+        _field(digest, "format", str(CACHE_FORMAT).encode())
+        items: Sequence[Any]
+        if isinstance(volume_paths_or_arrays, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            items = [volume_paths_or_arrays]
+        else:
+            items = list(volume_paths_or_arrays)
+        _field(digest, "n_images", str(len(items)).encode())
+        for index, item in enumerate(items):
+            if isinstance(item, (str, os.PathLike)):
+                _hash_file(digest, f"image{index}", Path(item))
+            else:
+                _hash_array(digest, f"image{index}", _as_numpy(item))
+        if prior is None:
+            _field(digest, "prior", b"none")
+        else:
+            _hash_array(digest, "prior", prior.data)
+            affine = b"none" if prior.affine is None else np.asarray(prior.affine, np.float64).tobytes()
+            _field(digest, "prior.affine", affine)
+            provenance = {"source": prior.source, "params": prior.params}
+            _field(digest, "prior.provenance", json.dumps(jsonable(provenance, strict=True), sort_keys=True).encode())
+        if brain_mask is None:
+            _field(digest, "mask", b"none")
+        else:
+            _hash_array(digest, "mask", np.asarray(brain_mask, dtype=bool))
+        settings = jsonable(dict(params or {}), strict=True)
+        _field(digest, "params", json.dumps(settings, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    # --------------------------------------------------------------------------- entries
+    def path(self, key: str) -> Path:
+        """The folder of entry ``key``."""
+        if not isinstance(key, str) or not _KEY_PATTERN.match(key):
+            raise CGCRefineError(f"{key!r} is not a cache key; use SubjectCache.key() to make one")
+        return self.root / key
+
+    def is_complete(self, key: str) -> bool:
+        """Whether entry ``key`` has its ``meta.json`` (written last)."""
+        return (self.path(key) / "meta.json").is_file()
+
+    def get_or_create(self, key: str, make: Callable[[], PreparedSubject]) -> PreparedSubject:
+        """The cached subject for ``key``, building and storing it with ``make()`` on a miss.
+
+        Parameters
+        ----------
+        key : str
+            From :meth:`key`.
+        make : callable
+            Returns the freshly prepared subject; called only on a miss.
+
+        Returns
+        -------
+        PreparedSubject
+            Backed by read-only memory maps (``numpy.memmap``) of the entry's files.
+        """
+        folder = self.path(key)
+        if self.is_complete(key):
+            try:
+                subject = self._read(folder)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                logger.warning("cache entry %s is unreadable (%s); rebuilding it", key[:12], error)
+            else:
+                self.hits += 1
+                logger.info("subject cache hit %s", key[:12])
+                return subject
+        self.misses += 1
+        logger.info("subject cache miss %s; preparing the subject", key[:12])
+        self._write(folder, make())
+        return self._read(folder)
+
+    def _write(self, folder: Path, subject: PreparedSubject) -> None:
+        tmp = self.root / f".{folder.name}.tmp-{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()
+            arrays = {"image": subject.image, "prior": subject.prior, "brain": subject.brain}
+            for name, value in arrays.items():
+                if value is not None:
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(_as_numpy(value)))
+            np.save(tmp / "foreground.npy", np.asarray(subject.foreground, dtype=np.int64).reshape(-1, 3))
+            meta = {
+                "format": CACHE_FORMAT,
+                "bbox": [[int(s.start), int(s.stop)] for s in subject.bbox],
+                "shape": [int(s) for s in subject.shape],
+                "has_prior": subject.prior is not None,
+                "image_shape": list(_as_numpy(subject.image).shape),
+            }
+            atomic_write(tmp / "meta.json", lambda handle: json.dump(meta, handle, indent=1),
+                         overwrite=False, binary=False)
+            if folder.exists():  # an incomplete or unreadable entry: replace it
+                shutil.rmtree(folder)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not (folder / "meta.json").is_file():
+                    raise
+                # Another process completed the same entry meanwhile; same content, keep it.
+                logger.debug("cache entry %s appeared while writing; keeping it", folder.name[:12])
+        except OSError as exc:
+            raise OutputNotWritableError(
+                f"cannot write the cache entry '{folder}' ({exc.strerror or exc}); check free "
+                "disk space and the cache folder"
+            ) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+
+    @staticmethod
+    def _read(folder: Path) -> PreparedSubject:
+        with open(folder / "meta.json", encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if int(meta["format"]) != CACHE_FORMAT:
+            raise ValueError(f"entry format {meta['format']} is not {CACHE_FORMAT}")
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        brain = np.load(folder / "brain.npy", mmap_mode="r")
+        prior = np.load(folder / "prior.npy", mmap_mode="r") if meta["has_prior"] else None
+        foreground = np.load(folder / "foreground.npy")
+        if list(image.shape) != list(meta["image_shape"]):
+            raise ValueError(f"image shape {image.shape} differs from the recorded {meta['image_shape']}")
+        bbox = tuple(slice(int(a), int(b)) for a, b in meta["bbox"])
+        shape = tuple(int(s) for s in meta["shape"])
+        return PreparedSubject(image, prior, brain, bbox, shape, foreground)  # type: ignore[arg-type]
