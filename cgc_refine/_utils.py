@@ -38,20 +38,28 @@ def jsonable(value: Any, *, strict: bool = False) -> Any:
     return str(value) if strict else value
 
 
-def check_writable_target(path: Path, overwrite: bool) -> None:
-    """Refuse a folder, a missing parent folder, or an existing file without ``overwrite``."""
+def check_writable_target(path: Path, overwrite: bool, *, what: str = "output") -> Path:
+    """Refuse a folder, a missing or read-only parent folder, or an existing file without
+    ``overwrite``; ``what`` names the file in the messages. Returns ``path``."""
     if path.is_dir():
-        raise OutputNotWritableError(f"cannot write '{path}': it is a folder; give a file name")
-    if not path.parent.is_dir():
+        raise OutputNotWritableError(f"cannot write {what} '{path}': it is an existing folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
         raise OutputNotWritableError(
-            f"cannot write '{path}': folder '{path.parent}' does not exist; create it first "
-            f"(mkdir -p '{path.parent}') or choose another path"
+            f"cannot write {what} '{path}': folder '{folder}' does not exist; create it first "
+            f"(mkdir -p '{folder}') or choose another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(
+            f"cannot write {what} '{path}': folder '{folder}' is not writable; fix its "
+            "permissions or choose another output folder"
         )
     if not overwrite and os.path.lexists(path):
         raise OutputExistsError(
-            f"'{path}' already exists; pass overwrite=True (--overwrite) to replace it, or "
-            "choose another path"
+            f"{what} '{path}' already exists; pass overwrite=True (--overwrite) to replace it, "
+            "or choose another path"
         )
+    return path
 
 
 def atomic_write(path: Path, write: Any, *, overwrite: bool, binary: bool) -> Path:

@@ -260,27 +260,9 @@ def _resolve_output(image: Path, output: str | None, suffix: str) -> Path:
 
 def _check_plain_output(path: Path, *, overwrite: bool, what: str = "output") -> Path:
     """Like :func:`cgc_refine.io.check_output_path` for non-NIfTI files (JSON, CSV, models)."""
-    if path.is_dir():
-        raise OutputNotWritableError(
-            f"cannot write {what} '{path}': it is an existing folder; give a file name"
-        )
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputNotWritableError(
-            f"cannot write {what} '{path}': folder '{folder}' does not exist; create it first "
-            f"(e.g. mkdir -p '{folder}') or choose another path"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputNotWritableError(
-            f"cannot write {what} '{path}': folder '{folder}' is not writable; fix its "
-            "permissions or choose another output folder"
-        )
-    if not overwrite and os.path.lexists(path):
-        raise OutputExistsError(
-            f"{what} '{path}' already exists; pass --overwrite to replace it, or choose "
-            "another path"
-        )
-    return path
+    from ._utils import check_writable_target
+
+    return check_writable_target(path, overwrite, what=what)
 
 
 def _check_outputs(
