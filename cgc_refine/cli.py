@@ -42,7 +42,6 @@ from .exceptions import (
     EmptyMaskError,
     InvalidImageError,
     InvalidPriorError,
-    OutputExistsError,
     OutputNotWritableError,
 )
 
