@@ -41,6 +41,7 @@ from nibabel.orientations import (
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from nibabel.volumeutils import native_code
 
+from ._utils import check_writable_target
 from .exceptions import (
     CGCRefineError,
     InvalidImageError,
@@ -765,27 +766,7 @@ def check_output_path(path: PathLike, *, overwrite: bool = False) -> Path:
             f"cannot write '{p}': the output name must end in .nii.gz or .nii; "
             "choose a NIfTI file name"
         )
-    if p.is_dir():
-        raise OutputNotWritableError(
-            f"cannot write '{p}': it is an existing folder; give a file name inside it"
-        )
-    folder = p.parent
-    if not folder.is_dir():
-        raise OutputNotWritableError(
-            f"cannot write '{p}': folder '{folder}' does not exist; create it first "
-            f"(e.g. mkdir -p '{folder}') or choose another output path"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputNotWritableError(
-            f"cannot write '{p}': folder '{folder}' is not writable; fix its permissions or "
-            "choose another output folder"
-        )
-    if not overwrite and os.path.lexists(p):
-        raise OutputExistsError(
-            f"output '{p}' already exists; pass overwrite=True (CLI: --overwrite) to "
-            "replace it, or choose another path"
-        )
-    return p
+    return check_writable_target(p, overwrite)
 
 
 def _reference_geometry(

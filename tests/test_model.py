@@ -28,13 +28,7 @@ WIDTHS = (4, 8, 16, 32)
 SMALL = (32, 32, 16)  # -> 4 x 4 x 2 bottleneck with 3 down-samplings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: one intra-op thread is fastest, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(batch: int = 2, channels: int = 1, size: tuple[int, int, int] = SMALL) -> torch.Tensor:

@@ -21,14 +21,7 @@ from cgc_refine.priors.base import ProbabilityMap
 from cgc_refine.priors.mumford_shah import MumfordShahPrior, mumford_shah_probability
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run torch single-threaded: the volumes are small, and on a shared CI machine the
-    per-operation hand-off between intra-op threads costs more than the work itself."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

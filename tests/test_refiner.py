@@ -30,12 +30,7 @@ def phantom():
     return make_phantom((40, 40, 20), spacing=(1.0, 1.0, 2.0), n_lesions=3, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- configuration
