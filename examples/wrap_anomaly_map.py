@@ -1,7 +1,7 @@
 """Wrap an external anomaly map (e.g. a VAE residual) as a prior and refine it.
 
-The anomaly scores are mapped to [0, 1] label-free by ``kind="scores"`` (a two-component
-mixture on the scores inside the brain). Without ``--scores``, a stand-in residual is made
+The anomaly scores are mapped to [0, 1] label-free by ``kind="scores"`` (the robust z-score
+rule inside the brain: p = 0.5 three robust standard deviations above the median). Without ``--scores``, a stand-in residual is made
 from the image itself: a smoothed robust z-score of the FLAIR, which, like a VAE residual,
 is large where the image departs from typical tissue::
 
@@ -28,7 +28,7 @@ from cgc_refine.priors import as_probability_map
 def residual_stand_in(image: np.ndarray, brain: np.ndarray, sigma_vox: float = 1.0) -> np.ndarray:
     """Smoothed robust z-score of the image inside the brain (an anomaly-score stand-in)."""
     z = robust_normalise(image, brain)[0]
-    return np.where(brain, ndimage.gaussian_filter(np.clip(z, 0, None), sigma_vox), 0.0).astype(np.float32)
+    return np.where(brain, ndimage.gaussian_filter(z, sigma_vox), 0.0).astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> None:

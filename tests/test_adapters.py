@@ -341,7 +341,7 @@ def bimodal_scores(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_from_scores_mixture_separates_modes() -> None:
     scores, high = bimodal_scores()
-    pm = from_scores(scores)  # default method "mixture"; every score non-zero -> all voxels
+    pm = from_scores(scores, method="mixture")  # every score non-zero -> all voxels
     assert pm.params["method"] == "mixture"
     assert pm.data[high].min() > 0.9
     assert pm.data[~high].max() < 0.1
@@ -354,9 +354,40 @@ def test_from_scores_mixture_zero_outside_brain_mask() -> None:
     brain = np.zeros(scores.shape, bool)
     brain[2:18, 2:18, 2:18] = True
     scores[~brain] = 50.0  # very anomalous looking, but outside the brain
-    pm = from_scores(scores, brain_mask=brain)
+    pm = from_scores(scores, brain_mask=brain, method="mixture")
     assert np.all(pm.data[~brain] == 0.0)
     assert pm.data[high & brain].min() > 0.9
+
+
+def _bulk_plus_tail(seed: int, tail_mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """A residual-like map: a half-normal bulk and a 2.7 % tail of lesions (729 voxels)."""
+    rng = np.random.default_rng(seed)
+    shape = (30, 30, 30)
+    lesion = np.zeros(shape, bool)
+    lesion[10:19, 10:19, 10:19] = True
+    scores = np.abs(rng.normal(0.0, 1.0, shape))
+    scores[lesion] = rng.normal(tail_mean, 0.5, int(lesion.sum()))
+    return scores, lesion
+
+
+def test_from_scores_default_is_robust_rule_on_bulk_plus_tail() -> None:
+    scores, lesion = _bulk_plus_tail(8, 9.0)
+    pm = from_scores(scores)
+    assert pm.params["method"] == "robust"
+    labelled = pm.data >= 0.5
+    # half-normal bulk: median 0.674, robust SD 0.59, p = 0.5 at |x| = 2.45 -> ~1.4 % of it
+    assert labelled[lesion].all() and labelled[~lesion].mean() < 0.02
+
+
+def test_from_scores_mixture_warns_when_upper_component_is_the_bulk(caplog) -> None:
+    # a clipped residual: half the voxels in a spike at the floor, the rest a half-normal
+    rng = np.random.default_rng(8)
+    scores = np.clip(rng.normal(0.0, 1.0, (30, 30, 30)), 0.0, None) + 0.01
+    scores[10:19, 10:19, 10:19] = rng.normal(3.0, 0.5, (9, 9, 9))
+    with caplog.at_level(logging.WARNING, logger="cgc_refine.priors.adapters"):
+        pm = from_scores(scores, method="mixture")
+    assert pm.params["weights"][1] > 0.5
+    assert "upper component" in caplog.text
 
 
 def test_from_scores_default_mask_is_non_zero_scores() -> None:

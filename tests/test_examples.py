@@ -31,7 +31,7 @@ def test_refine_one_subject(tmp_path, capsys):
 def test_wrap_anomaly_map(capsys):
     _load("wrap_anomaly_map").main(["--iterations", "2", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "scores -> probability: mixture rule" in out and "refined mask:" in out
+    assert "scores -> probability: robust rule" in out and "refined mask:" in out
 
 
 def test_cohort_train_apply(tmp_path, capsys):
