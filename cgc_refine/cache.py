@@ -1,12 +1,16 @@
 """An on-disk cache of preprocessed subjects (:class:`~cgc_refine.training.PreparedSubject`).
 
 A cohort is preprocessed once: each subject's standardised, brain-cropped channels, prior and
-brain mask are written as ``.npy`` files under ``<root>/<key>/`` and read back as read-only
-memory maps, so training holds only the crops in memory and a rerun skips preprocessing.
+brain mask are written as ``.npy`` files under ``<root>/<key>/`` and read back as
+:class:`MappedArray` objects, which map a file only for the duration of one read. Training
+therefore holds only the crops in memory (a mapping kept open would add every page a crop
+ever touched to the process's resident memory) and a rerun skips preprocessing.
 
 The key is a SHA-256 over the *content* of every input (image file bytes or array bytes,
-the prior's data and provenance, the brain mask, the preprocessing parameters and the cache
-format), so any change to an input gives a new entry. An entry is complete when its
+the prior -- its data, or for a prior computed from the image its class and parameters,
+or for a prior file its bytes --, the brain mask, the preprocessing parameters and the cache
+format), so any change to an input gives a new entry, and a hit skips computing the prior
+too. An entry is complete when its
 ``meta.json`` exists: the files are written into a hidden temporary folder, ``meta.json``
 last, and the folder is then renamed into place, so a crash never leaves a half entry that
 looks complete. Incomplete or unreadable entries are rebuilt.
@@ -40,12 +44,12 @@ from .exceptions import CGCRefineError, OutputNotWritableError
 from .priors.base import ProbabilityMap
 from .training import PreparedSubject
 
-__all__ = ["CACHE_FORMAT", "SubjectCache"]
+__all__ = ["CACHE_FORMAT", "MappedArray", "SubjectCache"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the on-disk entry layout and of the preprocessing it stores; part of every key.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 _CHUNK = 1 << 20
 _KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -79,6 +83,58 @@ def _as_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+class MappedArray:
+    """A read-only ``.npy`` array on disk, read slice by slice.
+
+    Indexing maps the file, copies the requested part into memory and unmaps it again, so
+    no page stays mapped (and counted in the resident memory) between reads. Pickles as its
+    path, so data-loader workers open the file themselves.
+
+    Parameters
+    ----------
+    path : path
+        A ``.npy`` file.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    shape : tuple of int
+    dtype : numpy.dtype
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        mapped = np.load(self.path, mmap_mode="r")
+        self.shape: tuple[int, ...] = tuple(int(s) for s in mapped.shape)
+        self.dtype = mapped.dtype
+        del mapped
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mapped[key], copy=True)
+        finally:
+            del mapped
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"MappedArray({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 class SubjectCache:
@@ -126,10 +182,14 @@ class SubjectCache:
         volume_paths_or_arrays : path, array, or sequence of paths / arrays
             The image: file paths (their bytes are hashed, in order) or arrays (raw bytes,
             shape and dtype).
-        prior : ProbabilityMap or None
-            The prior: data bytes, affine, source and parameters.
-        brain_mask : numpy.ndarray or None
-            The brain mask (None when it is derived from the image).
+        prior : ProbabilityMap, array, dict or None
+            The prior. A :class:`ProbabilityMap`: its data bytes, affine, source and
+            parameters; an array: its bytes; a dict (a *recipe*, for a prior computed when
+            the entry is built): its JSON, with the bytes of every file listed under
+            ``"files"`` hashed in place of the names.
+        brain_mask : numpy.ndarray, path or None
+            The brain mask: its values, or a file's bytes (None when it is derived from the
+            image).
         params : dict, optional
             Preprocessing parameters (modality, seed, ...); JSON-serialisable.
 
@@ -153,14 +213,24 @@ class SubjectCache:
                 _hash_array(digest, f"image{index}", _as_numpy(item))
         if prior is None:
             _field(digest, "prior", b"none")
-        else:
+        elif isinstance(prior, ProbabilityMap):
             _hash_array(digest, "prior", prior.data)
             affine = b"none" if prior.affine is None else np.asarray(prior.affine, np.float64).tobytes()
             _field(digest, "prior.affine", affine)
             provenance = {"source": prior.source, "params": prior.params}
             _field(digest, "prior.provenance", json.dumps(jsonable(provenance, strict=True), sort_keys=True).encode())
+        elif isinstance(prior, dict):
+            recipe = dict(prior)
+            files = [Path(f) for f in recipe.pop("files", [])]
+            _field(digest, "prior.recipe", json.dumps(jsonable(recipe, strict=True), sort_keys=True).encode())
+            for index, path in enumerate(files):
+                _hash_file(digest, f"prior.file{index}", path)
+        else:
+            _hash_array(digest, "prior.array", _as_numpy(prior))
         if brain_mask is None:
             _field(digest, "mask", b"none")
+        elif isinstance(brain_mask, (str, os.PathLike)):
+            _hash_file(digest, "mask", Path(brain_mask))
         else:
             _hash_array(digest, "mask", np.asarray(brain_mask, dtype=bool))
         settings = jsonable(dict(params or {}), strict=True)
@@ -191,7 +261,8 @@ class SubjectCache:
         Returns
         -------
         PreparedSubject
-            Backed by read-only memory maps (``numpy.memmap``) of the entry's files.
+            Backed by :class:`MappedArray` views of the entry's files, with the ``info``
+            recorded when the entry was built.
         """
         folder = self.path(key)
         if self.is_complete(key):
@@ -219,6 +290,7 @@ class SubjectCache:
             np.save(tmp / "foreground.npy", np.asarray(subject.foreground, dtype=np.int64).reshape(-1, 3))
             meta = {
                 "format": CACHE_FORMAT,
+                "info": jsonable(subject.info, strict=True),
                 "bbox": [[int(s.start), int(s.stop)] for s in subject.bbox],
                 "shape": [int(s) for s in subject.shape],
                 "has_prior": subject.prior is not None,
@@ -250,12 +322,13 @@ class SubjectCache:
             meta = json.load(handle)
         if int(meta["format"]) != CACHE_FORMAT:
             raise ValueError(f"entry format {meta['format']} is not {CACHE_FORMAT}")
-        image = np.load(folder / "image.npy", mmap_mode="r")
-        brain = np.load(folder / "brain.npy", mmap_mode="r")
-        prior = np.load(folder / "prior.npy", mmap_mode="r") if meta["has_prior"] else None
-        foreground = np.load(folder / "foreground.npy")
+        image = MappedArray(folder / "image.npy")
+        brain = MappedArray(folder / "brain.npy")
+        prior = MappedArray(folder / "prior.npy") if meta["has_prior"] else None
+        foreground = MappedArray(folder / "foreground.npy")
         if list(image.shape) != list(meta["image_shape"]):
             raise ValueError(f"image shape {image.shape} differs from the recorded {meta['image_shape']}")
         bbox = tuple(slice(int(a), int(b)) for a, b in meta["bbox"])
         shape = tuple(int(s) for s in meta["shape"])
-        return PreparedSubject(image, prior, brain, bbox, shape, foreground)  # type: ignore[arg-type]
+        return PreparedSubject(image, prior, brain, bbox, shape, foreground,  # type: ignore[arg-type]
+                               dict(meta.get("info", {})))

@@ -517,41 +517,10 @@ def _external_prior(
     path: str, volume: Any, brain: Any, kind: str, resample: bool
 ) -> tuple[Any, dict[str, Any]]:
     """Read a prior file through the adapters, optionally resampled onto the image grid."""
-    import numpy as np
+    from .priors import FilePrior
 
-    from .io import check_same_grid, load_array
-    from .priors import as_probability_map, infer_prior_kind
-
-    info: dict[str, Any] = {"name": "file", "path": _abs(path), "kind_requested": kind,
-                            "resampled": False}
-    if not resample:
-        prior = as_probability_map(Path(path), kind=kind, brain_mask=brain, reference=volume)
-        return prior, info
-    data, affine = load_array(Path(path), name="prior")
-    try:
-        check_same_grid(volume.shape, volume.affine, data.shape, affine)
-        same = True
-    except CGCRefineError:
-        same = False
-    if kind == "auto":
-        kind = infer_prior_kind(data)
-        logger.info("prior kind inferred from its values: %s", kind)
-    if not same:
-        import nibabel as nib
-        from nibabel.processing import resample_from_to
-
-        order = 0 if kind in ("mask", "labels") else 1
-        fill = 0.0 if kind in ("probability", "mask", "labels") else float(data.min())
-        moved = resample_from_to(
-            nib.Nifti1Image(data, affine), (volume.shape, volume.affine),
-            order=order, mode="constant", cval=fill,
-        )
-        data = np.asarray(moved.dataobj, dtype=np.float32)
-        info.update(resampled=True, resample_order=order, resample_fill=fill)
-        logger.info("prior resampled onto the image grid (order %d)", order)
-    prior = as_probability_map(data, volume.affine, kind=kind, brain_mask=brain,
-                               spacing=volume.spacing)
-    return prior, info
+    prior = FilePrior(path, kind=kind, resample=resample).compute(volume, brain)
+    return prior, {"name": "file", **prior.params["file"]}
 
 
 def _make_prior(
@@ -591,11 +560,11 @@ def _window_size(refiner: Any) -> list[int]:
 
 def _build_config(
     *, fast: bool, iterations: int | None, threshold: float | None, min_size_mm3: float | None,
-    crop_size: Sequence[int] | None,
+    crop_size: Sequence[int] | None, workers: int = 0,
 ) -> Any:
     from .config import RefinerConfig
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"num_workers": int(workers)}
     if iterations is not None:
         overrides["iterations"] = int(iterations)
     if threshold is not None:
@@ -940,6 +909,10 @@ def _run_single(
         tick = time.perf_counter()
         refiner.fit([volume], brain_masks=[brain])
         timings["train_s"] = time.perf_counter() - tick
+        from .distributed import is_main_process
+
+        if not is_main_process():
+            return  # under torchrun only rank 0 predicts and writes
         tick = time.perf_counter()
         probability = refiner.predict_proba(volume, brain, progress=bars.inference())
         mask = refiner.postprocess(probability, volume.spacing)
@@ -1122,17 +1095,30 @@ def prior_command(
               help="How to read prior files.")
 @_modality_option
 @click.option("--resample-prior", is_flag=True, help="Resample prior files onto their image grids.")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              help="Preprocess each subject once into this folder (memory-mapped, keyed by the "
+                   "inputs' content); training then holds only crops in memory and reruns skip "
+                   "loading, priors and preprocessing.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Data-loader worker processes drawing crops while the step runs.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Write a checkpoint (MODEL.ckpt) every N iterations (0: none).")
 @_training_options
 @_common_options(output_help="Model file to write (e.g. model.pt); required.")
 @click.pass_context
 def fit_command(
     ctx: click.Context, cohort: str | None, image_patterns: Sequence[str], prior_pattern: str | None,
     mask_pattern: str | None, csv_file: str | None, prior: str | None, prior_kind: str,
-    modality: str, resample_prior: bool, device: str, threshold: float | None,
-    min_size_mm3: float | None, fast: bool, iterations: int | None, seed: int,
-    crop_size: Sequence[int] | None, output: str | None, overwrite: bool, quiet: bool, verbose: int,
+    modality: str, resample_prior: bool, cache_dir: str | None, workers: int, checkpoint_every: int,
+    device: str, threshold: float | None, min_size_mm3: float | None, fast: bool,
+    iterations: int | None, seed: int, crop_size: Sequence[int] | None, output: str | None,
+    overwrite: bool, quiet: bool, verbose: int,
 ) -> None:
-    """Train one model on a cohort (no ground truth used) and save it."""
+    """Train one model on a cohort (no ground truth used) and save it.
+
+    Under torchrun (e.g. ``torchrun --standalone --nproc_per_node 2 -m cgc_refine fit ...``)
+    every process trains one replica of a DistributedDataParallel model; only rank 0 writes.
+    """
     quiet, _ = _sub_logging(ctx, quiet, verbose)
     overwrite = overwrite or bool((ctx.obj or {}).get("overwrite"))
     started = time.perf_counter()
@@ -1186,38 +1172,46 @@ def fit_command(
     inputs = [p for s in subjects for p in (*s.images, s.prior, s.brain_mask) if p is not None]
     _check_outputs([], [(model_path, "model"), (sidecar_path, "sidecar")], inputs, overwrite)
     config = _build_config(fast=fast, iterations=iterations, threshold=threshold,
-                           min_size_mm3=min_size_mm3, crop_size=crop_size)
+                           min_size_mm3=min_size_mm3, crop_size=crop_size, workers=workers)
     resolved = _resolve_device(device, fast=fast)
+    checkpoint_path = model_path.with_name(model_path.name + ".ckpt") if checkpoint_every else None
+    if checkpoint_path is not None:
+        _check_plain_output(checkpoint_path, overwrite=True, what="checkpoint")
 
-    volumes, masks, priors, records = [], [], [], []
-    tick = time.perf_counter()
-    n_channels = None
-    for subject in subjects:
-        volume = _load_image([str(p) for p in subject.images])
-        if n_channels is None:
-            n_channels = volume.n_channels
-        brain = _brain_mask(None if subject.brain_mask is None else str(subject.brain_mask),
-                            volume, modality)
-        source = prior_name if prior_name is not None else str(subject.prior)
-        pmap, info = _make_prior(source, volume, brain, kind=prior_kind, resample=resample_prior,
-                                 modality=modality, device=resolved)
-        volumes.append(volume)
-        masks.append(brain)
-        priors.append(pmap)
-        records.append({"subject": subject.name, "images": [_abs(p) for p in subject.images],
-                        "brain_mask": _abs(subject.brain_mask) if subject.brain_mask else "derived",
-                        "prior": {**info, "kind": pmap.source}})
-        logger.info("subject %s: %s, prior %s", subject.name, volume, pmap.source)
-    prior_seconds = time.perf_counter() - tick
-
+    from .distributed import is_main_process
+    from .priors import FilePrior
     from .refiner import Refiner
 
+    if prior_name is not None:
+        if prior_kind != "auto":
+            logger.warning("--prior-kind %s is ignored for the built-in prior %s", prior_kind, prior_name)
+        prior_arg: Any = _builtin_prior_object(prior_name, modality, resolved)
+    else:
+        prior_arg = [FilePrior(s.prior, kind=prior_kind, resample=resample_prior) for s in subjects]  # type: ignore[arg-type]
+    # Subjects are read one at a time inside fit (only the preprocessed arrays are kept; with
+    # --cache-dir, not even those).
+    volumes = [[str(p) for p in s.images] for s in subjects]
+    masks = [None if s.brain_mask is None else str(s.brain_mask) for s in subjects]
     with _progress(quiet) as bars:
-        refiner = Refiner(priors, config=config, modality=modality, device=str(resolved),
+        refiner = Refiner(prior_arg, config=config, modality=modality, device=str(resolved),
                           random_state=seed, callback=bars.training(config.iterations))
         tick = time.perf_counter()
-        refiner.fit(volumes, brain_masks=masks)
+        refiner.fit(volumes, brain_masks=masks, cache_dir=cache_dir,
+                    checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
         train_seconds = time.perf_counter() - tick
+    if not is_main_process():
+        return  # under torchrun only rank 0 writes
+    n_channels = refiner.n_channels_in_
+    prior_seconds = float(refiner.timings_["priors_s"])
+    records = []
+    for subject, provenance in zip(subjects, refiner.priors_):
+        params = dict(provenance.get("params") or {})
+        file_record = params.pop("file", None)
+        prior_record = ({"name": "file", **file_record} if file_record else
+                        {"name": prior_name, "kind_requested": None, "resampled": False})
+        records.append({"subject": subject.name, "images": [_abs(p) for p in subject.images],
+                        "brain_mask": _abs(subject.brain_mask) if subject.brain_mask else "derived",
+                        "prior": {**prior_record, "kind": provenance.get("source"), "params": params}})
 
     sidecar = _sidecar_base("fit")
     sidecar.update({
@@ -1232,7 +1226,8 @@ def fit_command(
         "config": config.to_dict(),
         "training": {"n_iter": int(refiner.n_iter_), "crop_size": list(refiner.crop_size_),
                      "window_size": _window_size(refiner), "history": refiner.history_},
-        "timings": {"load_and_prior_s": prior_seconds, "train_s": train_seconds},
+        "timings": {"load_and_prior_s": prior_seconds, "train_s": train_seconds - prior_seconds},
+        "distributed": {"world_size": int(refiner.timings_["world_size"])},
     })
     with _transaction(overwrite) as tx:
         tx.add(refiner.save(model_path, overwrite=overwrite))

@@ -80,6 +80,11 @@ class RefinerConfig:
         bf16 autocast on CUDA (ignored on CPU).
     compile : bool
         ``torch.compile`` the network for training (CUDA).
+    num_workers : int
+        Data-loader worker processes drawing training crops while the step runs (0: in the
+        training process, the reproducible default; a few workers pay off when subjects are
+        read from the on-disk cache or the step runs on a GPU). Each worker has its own
+        generator, so a resumed run continues with fresh crops rather than the exact stream.
     log_every : int
         Iterations between progress log lines.
     """
@@ -105,6 +110,7 @@ class RefinerConfig:
     min_size_mm3: float = 0.0
     amp: bool = True
     compile: bool = False
+    num_workers: int = 0
     log_every: int = 50
 
     @classmethod
@@ -146,6 +152,8 @@ class RefinerConfig:
         for name in ("batch_size", "iterations", "proj_dim", "sw_batch_size", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if int(self.num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if not 0.0 < float(self.learning_rate) < 1.0:
             raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
         if not 0.0 <= float(self.foreground_oversampling) <= 1.0:

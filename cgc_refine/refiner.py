@@ -22,6 +22,7 @@ from ._utils import atomic_write, jsonable
 from ._version import __version__
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
+from .distributed import barrier, is_main_process, rank_seed, setup_distributed
 from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError
 from .inference import sliding_window_predict
 from .postprocess import remove_small_components
@@ -77,6 +78,57 @@ def _load_mask(mask: Any, volume: Any) -> np.ndarray | None:
 
         raise SpaceMismatchError(f"brain mask shape {array.shape} differs from image shape {tuple(volume.shape)}")
     return array
+
+
+def _prior_problem(subject: PreparedSubject) -> str | None:
+    """Why the subject's prior cannot teach anything (empty or full in the brain), or None."""
+    try:
+        check_prior_informative(ProbabilityMap(np.asarray(subject.prior[0])),  # type: ignore[index]
+                                np.asarray(subject.brain[0], dtype=bool))
+    except InvalidPriorError as error:
+        return str(error)
+    return None
+
+
+def _image_key(volume: Any) -> Any:
+    """What identifies an image's content for the cache: its files, or its data and affine."""
+    from .io import Volume
+
+    if isinstance(volume, Volume):
+        return list(volume.paths) if volume.paths else [volume.data, np.asarray(volume.affine, np.float64)]
+    if isinstance(volume, tuple) and len(volume) == 2 and not isinstance(volume[0], (str, os.PathLike)):
+        return [np.asarray(volume[0]), np.asarray(volume[1], np.float64)]
+    return volume
+
+
+def _mask_key(mask: Any) -> Any:
+    if mask is None or isinstance(mask, (str, os.PathLike)):
+        return mask
+    return np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
+
+
+def _prior_key(builtin: Any, prior: Any) -> Any:
+    """What identifies a prior for the cache without computing it.
+
+    A prior object (built-in or per subject): its class and parameters, with the bytes of any
+    parameter that names an existing file; a prior file: its bytes; an array or map: itself.
+    """
+    recipe_source = builtin if builtin is not None else prior
+    if hasattr(recipe_source, "compute"):
+        params = recipe_source.get_params() if hasattr(recipe_source, "get_params") else {}
+        files, shown = [], {}
+        for name, value in sorted(params.items()):
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+                files.append(Path(value))
+                shown[name] = "<file>"
+            else:
+                shown[name] = value
+        kind = type(recipe_source)
+        return {"class": f"{kind.__module__}.{kind.__qualname__}", "params": jsonable(shown, strict=True),
+                "files": files}
+    if isinstance(prior, (str, os.PathLike)):
+        return {"class": "file", "files": [Path(prior)]}
+    return prior
 
 
 class Refiner(BaseEstimator):
@@ -169,35 +221,22 @@ class Refiner(BaseEstimator):
         self, volumes: Sequence[Any], brain_masks: Sequence[Any] | None = None
     ) -> list[ProbabilityMap]:
         """The prior of every volume, as probability maps (what :meth:`fit` trains on)."""
-        loaded = [_load(v) for v in volumes]
-        masks = [None] * len(loaded) if brain_masks is None else list(brain_masks)
-        return [p for p, _ in self._priors(loaded, [_load_mask(m, v) for m, v in zip(masks, loaded)])]
-
-    def _priors(self, volumes: list[Any], masks: list[np.ndarray | None]) -> list[tuple[ProbabilityMap, np.ndarray | None]]:
+        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
+            volumes = [volumes]
+        masks = [None] * len(volumes) if brain_masks is None else list(brain_masks)
         builtin = self._builtin_prior()
-        if builtin is not None:
-            return [(builtin.compute(v, m), m) for v, m in zip(volumes, masks)]
-        external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
-        if len(external) != len(volumes):
-            raise InvalidPriorError(
-                f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
-            )
-        results = []
-        for prior, volume, mask in zip(external, volumes, masks):
-            if isinstance(prior, (str, os.PathLike)):
-                prob = as_probability_map(prior, kind=self.prior_kind, brain_mask=mask, reference=volume)
-            else:
-                prob = as_probability_map(prior, volume.affine, kind=self.prior_kind, brain_mask=mask,
-                                          spacing=volume.spacing)
-            if prob.shape != tuple(volume.shape):
-                from .exceptions import SpaceMismatchError
-
-                raise SpaceMismatchError(
-                    f"prior shape {prob.shape} differs from image shape {tuple(volume.shape)}; "
-                    "resample the prior onto the image grid"
+        external = [None] * len(volumes)
+        if builtin is None:
+            external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
+            if len(external) != len(volumes):
+                raise InvalidPriorError(
+                    f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
                 )
-            results.append((prob, mask))
-        return results
+        maps = []
+        for volume_in, mask_in, prior_in in zip(volumes, masks, external):
+            volume = _load(volume_in)
+            maps.append(self._prior_of(volume, _load_mask(mask_in, volume), builtin, prior_in))
+        return maps
 
     # --------------------------------------------------------------------- fit
     def _validated(self) -> RefinerConfig:
@@ -221,6 +260,12 @@ class Refiner(BaseEstimator):
     ) -> "Refiner":
         """Compute the priors and train the network on them.
 
+        Subjects are read one at a time (image, brain mask, prior, preprocessing), so only
+        the preprocessed, brain-cropped arrays are kept -- and with ``cache_dir`` not even
+        those. Under ``torchrun`` every process calls ``fit`` with the same arguments and
+        trains one replica of a DistributedDataParallel model (see
+        :mod:`cgc_refine.distributed`); only rank 0 writes checkpoints.
+
         Parameters
         ----------
         volumes : sequence
@@ -236,10 +281,11 @@ class Refiner(BaseEstimator):
             A checkpoint written by :meth:`save` or a periodic checkpoint to continue from.
         cache_dir : path, optional
             Prepare subjects through a :class:`~cgc_refine.cache.SubjectCache` in this
-            folder: preprocessed arrays are stored on disk and trained from as memory maps
-            (only crops are held in memory or moved to the device), and a rerun with the same
-            images, priors, masks and modality skips preprocessing. The priors themselves are
-            still computed, since they are part of the cache key.
+            folder: preprocessed arrays are stored on disk and training reads only its crops
+            from them, so memory stays bounded as the cohort grows; a rerun with the same
+            images, priors (or prior settings), masks and modality skips loading, prior
+            computation and preprocessing. Under torchrun the ranks split the building of
+            missing entries between them.
 
         Returns
         -------
@@ -247,82 +293,83 @@ class Refiner(BaseEstimator):
             self, fitted.
         """
         config = self._validated()
-        device = resolve_device(self.device)
+        context, device = setup_distributed(self.device)
         if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
             volumes = [volumes]
         if len(volumes) == 0:
             raise InvalidImageError("fit needs at least one volume")
-        loaded = [_load(v) for v in volumes]
-        masks_in = [None] * len(loaded) if brain_masks is None else list(brain_masks)
-        if len(masks_in) != len(loaded):
-            raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(loaded)} volumes")
-        masks = [_load_mask(m, v) for m, v in zip(masks_in, loaded)]
-        channels = {v.n_channels for v in loaded}
-        if len(channels) != 1:
-            raise InvalidImageError(f"all volumes must have the same number of channels, got {sorted(channels)}")
+        masks_in = [None] * len(volumes) if brain_masks is None else list(brain_masks)
+        if len(masks_in) != len(volumes):
+            raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(volumes)} volumes")
+        builtin = self._builtin_prior()
+        if builtin is None:
+            external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
+            if len(external) != len(volumes):
+                raise InvalidPriorError(
+                    f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
+                )
+        else:
+            external = [None] * len(volumes)
         started = time.perf_counter()
-        priors = self._priors(loaded, masks)
-        subjects: list[PreparedSubject] = []
-        informative = 0
         cache = None
         if cache_dir is not None:
             from .cache import SubjectCache
 
             cache = SubjectCache(cache_dir)
-        for index, ((prior, mask), volume) in enumerate(zip(priors, loaded)):
-            if cache is None:
-                subject = prepare_subject(volume, prior, mask, self.modality, seed=self.random_state + index)
-            else:
-                key = cache.key(
-                    volume.paths if volume.paths else volume.data, prior, mask,
-                    {"modality": self.modality, "seed": self.random_state + index},
+        items = list(zip(volumes, masks_in, external))
+        if cache is not None and context.enabled:
+            # Each rank builds its share of the missing entries; then every rank reads them all.
+            for index in range(context.rank, len(items), context.world_size):
+                self._prepare_one(index, *items[index], builtin, cache)
+            barrier(context)
+        subjects: list[PreparedSubject] = []
+        for index, item in enumerate(items):
+            subject = self._prepare_one(index, *item, builtin, cache)
+            if subjects and subject.image.shape[0] != subjects[0].image.shape[0]:
+                raise InvalidImageError(
+                    "all volumes must have the same number of channels, got "
+                    f"{subjects[0].image.shape[0]} and {subject.image.shape[0]} (subject {index})"
                 )
-                subject = cache.get_or_create(
-                    key,
-                    lambda v=volume, p=prior, m=mask, i=index: prepare_subject(
-                        v, p, m, self.modality, seed=self.random_state + i
-                    ),
-                )
-            try:
-                # Inside the brain mask the subject was prepared with (given or derived).
-                brain_box = np.asarray(subject.brain[0], dtype=bool)
-                check_prior_informative(ProbabilityMap(np.asarray(subject.prior[0])), brain_box)  # type: ignore[index]
-                informative += 1
-            except InvalidPriorError as error:
-                if len(loaded) == 1:
-                    raise
-                logger.warning("subject %d: %s", index, error)
             subjects.append(subject)
-        if informative == 0:
+        problems = [s.info.get("prior_problem") for s in subjects]
+        for index, problem in enumerate(problems):
+            if problem and len(subjects) == 1:
+                raise InvalidPriorError(problem)
+            if problem and context.is_main:
+                logger.warning("subject %d: %s", index, problem)
+        if all(problems):
             raise InvalidPriorError("no subject has an informative prior (all empty or full); nothing to learn")
+        n_channels = int(subjects[0].image.shape[0])
         prior_seconds = time.perf_counter() - started
         total_bytes = sum(s.nbytes() for s in subjects)
         if device.type == "cuda" and total_bytes < 4 * 2**30:
             subjects = [s.to(device) for s in subjects]
         crop = effective_crop_size(config.crop_size, [s.image.shape[1:] for s in subjects], config.downsample_factor)
         seed_everything(self.random_state)
-        network = build_network(config, loaded[0].n_channels).to(device)
+        network = build_network(config, n_channels).to(device)
         # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
         # the layout cuDNN prefers for bf16 on CUDA.
         network = network.to(memory_format=torch.channels_last_3d)
-        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=self.random_state)
+        sampler_seed = rank_seed(self.random_state, context.rank) if context.enabled else self.random_state
+        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=sampler_seed)
         start_iteration, optimizer_state = 0, None
         if resume_from is not None:
             state = _read_checkpoint(resume_from)
-            _check_compatible(state, config, loaded[0].n_channels)
+            _check_compatible(state, config, n_channels)
             network.load_state_dict(state["state_dict"])
             start_iteration = int(state.get("n_iter", 0))
             optimizer_state = state.get("optimizer_state")
-            if state.get("sampler_state") is not None:
+            if state.get("sampler_state") is not None and not context.enabled:
                 sampler.set_state(state["sampler_state"])
             logger.info("resuming from iteration %d", start_iteration)
 
         self.config_ = config
         self.device_ = device
-        self.n_channels_in_ = loaded[0].n_channels
+        self.n_channels_in_ = n_channels
         self.crop_size_ = crop
         self.window_size_ = self._window(config, crop, [s.image.shape[1:] for s in subjects])
-        self.priors_ = [{"source": p.source, "params": p.params} for p, _ in priors]
+        self.priors_ = [{"source": s.info.get("prior_source"), "params": s.info.get("prior_params", {})}
+                        for s in subjects]
 
         def save_checkpoint(iteration: int, optim_state: dict[str, Any]) -> None:
             self.network_ = network
@@ -331,23 +378,89 @@ class Refiner(BaseEstimator):
             self._write(checkpoint_path, overwrite=True, optimizer_state=optim_state,  # type: ignore[arg-type]
                         sampler_state=sampler.state())
 
-        logger.info(
-            "training on %d subject(s), crop %s, %d iterations, device %s",
-            len(subjects), crop, config.iterations, device,
-        )
-        history, optimizer_state = train_network(
+        if context.is_main:
+            logger.info(
+                "training on %d subject(s), crop %s, %d iterations, device %s%s",
+                len(subjects), crop, config.iterations, device,
+                f", {context.world_size} processes" if context.enabled else "",
+            )
+        result = train_network(
             network, sampler, config, device,
             start_iteration=start_iteration, optimizer_state=optimizer_state,
             callback=self.callback,
             checkpoint=save_checkpoint if checkpoint_path is not None else None,
             checkpoint_every=checkpoint_every,
+            context=context, seed=self.random_state,
         )
         self.network_ = network
-        self.history_ = history
+        self.history_ = result.history
         self.n_iter_ = config.iterations
-        self.timings_ = {"priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds}
-        self._optimizer_state = optimizer_state
+        self.timings_ = {
+            "priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds,
+            "steps": result.steps, "samples": result.samples, "world_size": context.world_size,
+            "loop_s": result.elapsed_s, "data_wait_s": result.data_wait_s,
+        }
+        self._optimizer_state = result.optimizer_state
         return self
+
+    def _prepare_one(
+        self, index: int, volume_in: Any, mask_in: Any, prior_in: Any, builtin: Any, cache: Any
+    ) -> PreparedSubject:
+        """Load, compute the prior of and preprocess subject ``index`` (through the cache)."""
+        seed = self.random_state + index
+
+        def make() -> PreparedSubject:
+            volume = _load(volume_in)
+            for channel, data in enumerate(volume.data):
+                if float(data.min()) == float(data.max()):
+                    where = volume.paths[channel] if volume.paths else f"channel {channel}"
+                    raise InvalidImageError(
+                        f"subject {index}: image {where} is constant: it holds no contrast to "
+                        "segment; check that the right file was passed"
+                    )
+            mask = _load_mask(mask_in, volume)
+            if mask is not None and not mask.any():
+                from .exceptions import EmptyMaskError
+
+                raise EmptyMaskError(
+                    f"subject {index}: the brain mask is empty; pass this image's brain mask or "
+                    "None to derive one"
+                )
+            prior = self._prior_of(volume, mask, builtin, prior_in)
+            subject = prepare_subject(volume, prior, mask, self.modality, seed=seed)
+            subject.info.update(
+                prior_source=prior.source, prior_params=jsonable(prior.params, strict=True),
+                prior_problem=_prior_problem(subject),
+            )
+            return subject
+
+        if cache is None:
+            return make()
+        key = cache.key(
+            _image_key(volume_in), _prior_key(builtin, prior_in), _mask_key(mask_in),
+            {"modality": self.modality, "seed": seed, "prior_kind": self.prior_kind},
+        )
+        return cache.get_or_create(key, make)
+
+    def _prior_of(self, volume: Any, mask: np.ndarray | None, builtin: Any, prior_in: Any) -> ProbabilityMap:
+        """One subject's prior as a probability map on the image grid."""
+        if builtin is not None:
+            prob = builtin.compute(volume, mask)
+        elif hasattr(prior_in, "compute"):
+            prob = prior_in.compute(volume, mask)
+        elif isinstance(prior_in, (str, os.PathLike)):
+            prob = as_probability_map(prior_in, kind=self.prior_kind, brain_mask=mask, reference=volume)
+        else:
+            prob = as_probability_map(prior_in, volume.affine, kind=self.prior_kind, brain_mask=mask,
+                                      spacing=volume.spacing)
+        if prob.shape != tuple(volume.shape):
+            from .exceptions import SpaceMismatchError
+
+            raise SpaceMismatchError(
+                f"prior shape {prob.shape} differs from image shape {tuple(volume.shape)}; "
+                "resample the prior onto the image grid"
+            )
+        return prob
 
     @staticmethod
     def _window(config: RefinerConfig, crop: tuple[int, int, int], shapes: list[Any]) -> tuple[int, int, int]:
@@ -452,12 +565,18 @@ class Refiner(BaseEstimator):
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the trained model (weights, configuration, version) atomically.
 
+        Under torchrun only rank 0 writes; the other ranks return the path without writing
+        (their weights are identical).
+
         Returns
         -------
         pathlib.Path
             The written file.
         """
         check_is_fitted(self, "network_")
+        if not is_main_process():
+            logger.debug("rank %s: not writing %s (only rank 0 writes)", os.environ.get("RANK"), path)
+            return Path(path)
         return self._write(path, overwrite=overwrite)
 
     def _write(self, path: str | os.PathLike[str], *, overwrite: bool, optimizer_state: Any = None,

@@ -2,7 +2,11 @@
 
 Each subject is preprocessed once -- channels standardised inside the brain, cropped to the
 brain's bounding box, prior and mask alongside -- and kept in memory as tensors (on the
-training device when they fit), so a step costs only the crop, the flips and the network.
+training device when they fit) or on disk (:mod:`cgc_refine.cache`), so a step costs only the
+crop, the flips and the network. Crops are drawn in the training process or, with
+``num_workers > 0``, in data-loader worker processes that prepare the next batches while
+the current step runs. Under ``torchrun`` the network is wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel` (see :mod:`cgc_refine.distributed`).
 No ground truth appears anywhere in this module.
 """
 
@@ -12,13 +16,14 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .config import RefinerConfig
+from .distributed import DistributedContext, rank_seed
 from .model import CGCLoss, CGCUNet
 from .priors.base import ProbabilityMap, prepare_prior_input
 
@@ -27,6 +32,8 @@ __all__ = [
     "prepare_subject",
     "effective_crop_size",
     "CropSampler",
+    "CropStream",
+    "TrainingResult",
     "build_network",
     "train_network",
     "training_step",
@@ -44,11 +51,12 @@ class PreparedSubject:
 
     Attributes
     ----------
-    image : torch.Tensor or numpy.ndarray
+    image : torch.Tensor or array-like
         (C, x, y, z) float32 standardised channels inside the brain bounding box. A subject
-        read from a :class:`~cgc_refine.cache.SubjectCache` holds read-only ``numpy.memmap``
-        arrays instead of tensors (here and below); :class:`CropSampler` then converts only
-        the crops, and :meth:`to` leaves such a subject where it is.
+        read from a :class:`~cgc_refine.cache.SubjectCache` holds
+        :class:`~cgc_refine.cache.MappedArray` views of files instead of tensors (here and
+        below); :class:`CropSampler` then reads only the crops, and :meth:`to` leaves such a
+        subject where it is.
     prior : torch.Tensor, numpy.ndarray or None
         (1, x, y, z) float32 prior (None at inference).
     brain : torch.Tensor or numpy.ndarray
@@ -57,31 +65,40 @@ class PreparedSubject:
         Where the box sits in the original grid.
     shape : tuple of int
         Spatial shape of the original grid.
-    foreground : numpy.ndarray
+    foreground : numpy.ndarray or array-like
         (n, 3) voxel coordinates (inside the box) where the prior is >= 0.5, for crop
         oversampling; a random subset when there are many.
+    info : dict
+        JSON-serialisable facts recorded at preparation (the refiner stores the prior's
+        provenance and the result of its informativeness check), kept by the cache.
     """
 
-    image: torch.Tensor | np.ndarray
-    prior: torch.Tensor | np.ndarray | None
-    brain: torch.Tensor | np.ndarray
+    image: Any
+    prior: Any
+    brain: Any
     bbox: tuple[slice, slice, slice]
     shape: tuple[int, int, int]
-    foreground: np.ndarray
+    foreground: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def on_disk(self) -> bool:
+        """True for a subject read from the cache (arrays stay on disk)."""
+        return not isinstance(self.image, torch.Tensor)
 
     def to(self, device: torch.device) -> "PreparedSubject":
-        """Move the tensors to ``device`` (a memmap-backed subject is returned unchanged)."""
-        if isinstance(self.image, np.ndarray):
+        """Move the tensors to ``device`` (a disk-backed subject is returned unchanged)."""
+        if self.on_disk:
             return self
         return PreparedSubject(
             self.image.to(device),  # type: ignore[union-attr]
             None if self.prior is None else self.prior.to(device),  # type: ignore[union-attr]
-            self.brain.to(device), self.bbox, self.shape, self.foreground,  # type: ignore[union-attr]
+            self.brain.to(device), self.bbox, self.shape, self.foreground, self.info,  # type: ignore[union-attr]
         )
 
     def nbytes(self) -> int:
-        """Memory held by the tensors (for a memmap-backed subject: the bytes on disk)."""
-        if isinstance(self.image, np.ndarray):
+        """Memory held by the tensors (for a disk-backed subject: the bytes on disk)."""
+        if self.on_disk:
             arrays = (self.image, self.brain, self.prior)
             return sum(int(a.nbytes) for a in arrays if a is not None)
         total = self.image.nelement() * 4 + self.brain.nelement()  # type: ignore[union-attr]
@@ -168,7 +185,7 @@ def effective_crop_size(
 
 
 def _take(array: Any, box: tuple[slice, ...]) -> torch.Tensor:
-    """``array[:, box]`` as a tensor; a numpy (memmap) array is converted crop only."""
+    """``array[:, box]`` as a tensor; a disk-backed array is read crop only."""
     crop = array[(slice(None), *box)]
     if isinstance(crop, np.ndarray):
         return torch.from_numpy(np.array(crop, order="C"))
@@ -244,6 +261,55 @@ class CropSampler:
         self.rng.bit_generator.state = state
 
 
+class CropStream(torch.utils.data.IterableDataset):
+    """Endless training batches for a :class:`torch.utils.data.DataLoader` with workers.
+
+    Every data-loader worker draws from its own :class:`CropSampler`, seeded by
+    (``seed``, ``rank``, worker index + 1) through :func:`~cgc_refine.distributed.rank_seed`,
+    so workers and ranks never repeat each other's crops. Use with ``batch_size=None``:
+    each item is already a batch ``(image, prior, brain)``.
+
+    Parameters
+    ----------
+    subjects : sequence of PreparedSubject
+        Training subjects (in memory or on disk; disk-backed subjects are read crop by crop
+        in the workers).
+    crop_size : tuple of int
+        Crop shape.
+    batch_size : int
+        Crops per batch.
+    foreground_oversampling : float
+        As for :class:`CropSampler`.
+    seed, rank : int
+        Seed of the job and rank of this process.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[PreparedSubject],
+        crop_size: tuple[int, int, int],
+        batch_size: int,
+        foreground_oversampling: float = 0.5,
+        seed: int = 0,
+        rank: int = 0,
+    ) -> None:
+        super().__init__()
+        self.subjects = list(subjects)
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.foreground_oversampling = foreground_oversampling
+        self.seed = seed
+        self.rank = rank
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id + 1
+        sampler = CropSampler(self.subjects, self.crop_size, self.foreground_oversampling,
+                              seed=rank_seed(self.seed, self.rank, worker))
+        while True:
+            yield sampler.batch(self.batch_size)
+
+
 def build_network(config: RefinerConfig, in_channels: int) -> CGCUNet:
     """The CGC U-Net a configuration describes."""
     return CGCUNet(
@@ -263,6 +329,79 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+@dataclass
+class TrainingResult:
+    """What :func:`train_network` returns.
+
+    Attributes
+    ----------
+    history : list of dict
+        Mean loss components over each ``log_every`` window, with the iteration, the elapsed
+        seconds and the cumulative seconds spent waiting for data.
+    optimizer_state : dict
+        Final Adam state.
+    steps : int
+        Optimiser steps taken in this call.
+    samples : int
+        Crops consumed by this process (``steps * batch_size``).
+    elapsed_s : float
+        Wall time of the loop.
+    data_wait_s : float
+        Part of it spent waiting for the next batch (drawing crops in-process, or blocked on
+        the data-loader workers).
+    """
+
+    history: list[dict[str, float]]
+    optimizer_state: dict[str, Any]
+    steps: int
+    samples: int
+    elapsed_s: float
+    data_wait_s: float
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """``data_wait_s / elapsed_s`` (0 for an empty loop)."""
+        return self.data_wait_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class _TrainForward(torch.nn.Module):
+    """A module whose ``forward`` is the network's ``forward_train``.
+
+    DistributedDataParallel and ``torch.compile`` act on ``forward``; training calls
+    ``forward_train``, so this thin wrapper (sharing the network's parameters) is what they
+    wrap.
+    """
+
+    def __init__(self, network: CGCUNet) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.network.forward_train(x)
+
+
+def _batches(
+    sampler: CropSampler, config: RefinerConfig, device: torch.device, context: DistributedContext,
+    seed: int, num_workers: int,
+) -> Any:
+    """The batch iterator: the sampler itself, or a DataLoader whose workers run it."""
+    in_memory_on_device = any(
+        isinstance(s.image, torch.Tensor) and s.image.device.type != "cpu" for s in sampler.subjects
+    )
+    if num_workers <= 0 or in_memory_on_device:
+        if num_workers > 0:
+            logger.info("subjects live on %s; crops are drawn in-process (num_workers ignored)", device)
+        while True:
+            yield sampler.batch(config.batch_size)
+    stream = CropStream(sampler.subjects, sampler.crop_size, config.batch_size,
+                        sampler.foreground_oversampling, seed=seed, rank=context.rank)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4, persistent_workers=False,
+    )
+    yield from loader
+
+
 def train_network(
     network: CGCUNet,
     sampler: CropSampler,
@@ -274,7 +413,9 @@ def train_network(
     callback: Callable[[dict[str, float]], None] | None = None,
     checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
     checkpoint_every: int = 0,
-) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    context: DistributedContext | None = None,
+    seed: int = 0,
+) -> TrainingResult:
     """Optimise the network with Adam on the overall loss of equation 8.
 
     Parameters
@@ -282,9 +423,11 @@ def train_network(
     network : CGCUNet
         The model, already on ``device``.
     sampler : CropSampler
-        Source of training crops.
+        Source of training crops (used in-process; with ``config.num_workers > 0`` its
+        subjects are handed to data-loader workers, each with its own generator).
     config : RefinerConfig
-        Validated settings (iterations, batch size, learning rate, loss weights, amp).
+        Validated settings (iterations, batch size, learning rate, loss weights, amp,
+        num_workers).
     device : torch.device
         Where the step runs.
     start_iteration : int
@@ -292,63 +435,81 @@ def train_network(
     optimizer_state : dict, optional
         Adam state to resume from.
     callback : callable, optional
-        Called after every step with ``{"iteration", "total", "bce", "coarse", "fine"}``.
+        Called after every step with ``{"iteration", "total", "bce", "coarse", "fine"}``
+        (on rank 0 only).
     checkpoint : callable, optional
-        ``checkpoint(iteration, optimizer_state)`` called every ``checkpoint_every`` steps.
+        ``checkpoint(iteration, optimizer_state)`` called every ``checkpoint_every`` steps
+        (on rank 0 only).
     checkpoint_every : int
         0 disables periodic checkpoints.
+    context : DistributedContext, optional
+        The job's ranks; with more than one process the network is wrapped in
+        DistributedDataParallel (gradients averaged over ranks; the contrastive term stays
+        per rank, see :mod:`cgc_refine.distributed`).
+    seed : int
+        Seed of the data-loader workers' generators (with ``config.num_workers > 0``).
 
     Returns
     -------
-    history : list of dict
-        Mean loss components over each ``log_every`` window.
-    optimizer_state : dict
-        Final Adam state.
+    TrainingResult
+        Loss history, final Adam state, and step / sample / data-wait counts.
     """
+    context = context or DistributedContext()
     loss_fn = CGCLoss(
         lambda_cg=config.lambda_cg, lambda_fg=config.lambda_fg, temperature=config.temperature
     )
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    step_model: Any = network
+    step_model: Any = _TrainForward(network)
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None,
+        )
     if config.compile and device.type == "cuda":
-        # forward_train is what training calls, so that is the method compiled.
-        step_model = _CompiledTrain(network)
+        step_model = torch.compile(step_model)
     network.train()
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {"total": [], "bce": [], "coarse": [], "fine": []}
+    batches = _batches(sampler, config, device, context, seed, config.num_workers)
     started = time.perf_counter()
-    for iteration in range(start_iteration + 1, config.iterations + 1):
-        batch = sampler.batch(config.batch_size)
-        parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp)
-        values = {key: float(value) for key, value in parts.items()}
-        for key in window:
-            window[key].append(values.get(key, 0.0))
-        if callback is not None:
-            callback({"iteration": float(iteration), **values})
-        if iteration % config.log_every == 0 or iteration == config.iterations:
-            record = {key: float(np.mean(v)) for key, v in window.items()}
-            record["iteration"] = float(iteration)
-            record["seconds"] = time.perf_counter() - started
-            history.append(record)
-            logger.info(
-                "iteration %d/%d  loss %.4f (bce %.4f, coarse %.4f, fine %.4f)",
-                iteration, config.iterations, record["total"], record["bce"],
-                record["coarse"], record["fine"],
-            )
-            window = {key: [] for key in window}
-        if checkpoint is not None and checkpoint_every and iteration % checkpoint_every == 0:
-            checkpoint(iteration, optimizer.state_dict())
+    waited = 0.0
+    steps = 0
+    try:
+        for iteration in range(start_iteration + 1, config.iterations + 1):
+            tick = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - tick
+            parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp)
+            steps += 1
+            values = {key: float(value) for key, value in parts.items()}
+            for key in window:
+                window[key].append(values.get(key, 0.0))
+            if callback is not None and context.is_main:
+                callback({"iteration": float(iteration), **values})
+            if iteration % config.log_every == 0 or iteration == config.iterations:
+                record = {key: float(np.mean(v)) for key, v in window.items()}
+                record["iteration"] = float(iteration)
+                record["seconds"] = time.perf_counter() - started
+                record["data_wait_s"] = waited
+                history.append(record)
+                if context.is_main:
+                    logger.info(
+                        "iteration %d/%d  loss %.4f (bce %.4f, coarse %.4f, fine %.4f)",
+                        iteration, config.iterations, record["total"], record["bce"],
+                        record["coarse"], record["fine"],
+                    )
+                window = {key: [] for key in window}
+            if (checkpoint is not None and checkpoint_every and iteration % checkpoint_every == 0
+                    and context.is_main):
+                checkpoint(iteration, optimizer.state_dict())
+    finally:
+        batches.close()  # stops data-loader workers
+    elapsed = time.perf_counter() - started
     network.eval()
-    return history, optimizer.state_dict()
-
-
-class _CompiledTrain:
-    """Expose a compiled ``forward_train`` of a network (``torch.compile`` wraps forward)."""
-
-    def __init__(self, network: CGCUNet) -> None:
-        self.forward_train = torch.compile(network.forward_train)
+    return TrainingResult(history, optimizer.state_dict(), steps, steps * config.batch_size, elapsed, waited)
 
 
 def training_step(
@@ -361,14 +522,16 @@ def training_step(
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch (image, prior, brain mask); returns the loss parts.
 
-    ``model`` is a :class:`CGCUNet` or its ``torch.compile`` wrapper. Inputs go to
-    ``device`` in channels-last layout; the forward pass runs under bf16 autocast on CUDA
-    when ``amp`` is set (the losses compute in float32 regardless).
+    ``model`` is a module whose ``forward`` returns :class:`~cgc_refine.model.CGCOutput`
+    (the network's ``forward_train``, possibly wrapped by DDP or ``torch.compile``); a bare
+    :class:`CGCUNet` is used through its ``forward_train``. Inputs go to ``device`` in
+    channels-last layout; the forward pass runs under bf16 autocast on CUDA when ``amp`` is
+    set (the losses compute in float32 regardless).
     """
     image, prior, brain = (t.to(device, non_blocking=True) for t in batch)
     image = image.contiguous(memory_format=torch.channels_last_3d)
     with _autocast(device, amp):
-        output = model.forward_train(image)
+        output = model.forward_train(image) if isinstance(model, CGCUNet) else model(image)
     total, parts = loss_fn(output, prior, brain)
     optimizer.zero_grad(set_to_none=True)
     total.backward()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cgc_refine import training
-from cgc_refine.cache import SubjectCache
+from cgc_refine.cache import MappedArray, SubjectCache
 from cgc_refine.config import RefinerConfig
 from cgc_refine.io import load_volume, save_array
 from cgc_refine.phantom import make_phantom, noisy_prior
@@ -63,9 +63,10 @@ def test_rerun_is_a_hit_without_recomputation_and_arrays_are_exact(data, caplog)
     for subject in (first, second):
         for name in ("image", "prior", "brain"):
             array = getattr(subject, name)
-            assert isinstance(array, np.memmap) and not array.flags.writeable
+            assert isinstance(array, MappedArray)
             expected = getattr(fresh, name).numpy()
-            assert array.dtype == expected.dtype and np.array_equal(array, expected)
+            assert array.dtype == expected.dtype and array.shape == expected.shape
+            assert np.array_equal(array, expected) and np.array_equal(array[:, 2:5, 1], expected[:, 2:5, 1])
         assert subject.bbox == fresh.bbox and subject.shape == fresh.shape
         assert np.array_equal(subject.foreground, fresh.foreground)
     assert second.nbytes() == fresh.nbytes()
@@ -133,7 +134,7 @@ def test_corrupted_entry_is_rebuilt(data):
     cache.get_or_create(key, make)
     (cache.path(key) / "image.npy").write_bytes(b"garbage")
     subject = cache.get_or_create(key, make)
-    assert make.calls == 2 and isinstance(subject.image, np.memmap)
+    assert make.calls == 2 and isinstance(subject.image, MappedArray)
 
 
 def test_bad_key_is_refused(tmp_path):
@@ -186,3 +187,63 @@ def test_refiner_fit_with_cache_dir_twice(data, monkeypatch):
         assert torch.equal(weights, plain.network_.state_dict()[name])
     assert first.crop_size_ == second.crop_size_ == plain.crop_size_
     assert len([p for p in cache_dir.iterdir()]) == 1
+
+
+def _mapped_files() -> str:
+    with open("/proc/self/maps", encoding="utf-8") as handle:
+        return handle.read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_mapped_array_keeps_no_mapping_between_reads(tmp_path):
+    path = tmp_path / "big.npy"
+    np.save(path, np.arange(4 * 50 * 50 * 20, dtype=np.float32).reshape(4, 50, 50, 20))
+    array = MappedArray(path)
+    assert array.shape == (4, 50, 50, 20) and array.nbytes == 4 * 50 * 50 * 20 * 4 and len(array) == 4
+    crop = array[:, 10:20, 5:15, 2:6]
+    assert crop.flags.writeable and crop.shape == (4, 10, 10, 4)
+    assert crop[1, 0, 0, 0] == 50 * 50 * 20 + 10 * 50 * 20 + 5 * 20 + 2
+    assert str(path) not in _mapped_files()  # the read unmapped the file again
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(array))  # what a data-loader worker receives
+    assert np.array_equal(clone[:, 10:20, 5:15, 2:6], crop)
+
+
+def test_fit_rerun_with_builtin_prior_skips_the_prior_too(data, monkeypatch):
+    from cgc_refine.priors import GMMPrior
+
+    calls = {"n": 0}
+    original = GMMPrior.compute
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GMMPrior, "compute", counting)
+    cache_dir = data["tmp"] / "cache"
+
+    def fit(prior):
+        return Refiner(prior, config=TINY, device="cpu").fit([data["path"]], cache_dir=cache_dir)
+
+    first = fit(GMMPrior(n_components=3))
+    assert calls["n"] == 1
+    second = fit(GMMPrior(n_components=3))
+    assert calls["n"] == 1  # hit: no prior computed, provenance read back from the entry
+    assert second.priors_ == first.priors_ and first.priors_[0]["source"] == "gmm"
+    fit(GMMPrior(n_components=4))  # another prior setting is another entry
+    assert calls["n"] == 2 and len(list(cache_dir.iterdir())) == 2
+
+
+def test_prior_file_content_keys_the_entry(data):
+    from cgc_refine.refiner import _prior_key
+
+    prior_path = save_array(data["prior"].data, data["phantom"].volume, data["tmp"] / "p.nii.gz", np.float32)
+    copy = data["tmp"] / "copy.nii.gz"
+    copy.write_bytes(prior_path.read_bytes())
+    key = lambda p: SubjectCache.key([data["path"]], _prior_key(None, p), None, {})  # noqa: E731
+    assert key(prior_path) == key(copy)
+    bumped = data["prior"].data.copy()
+    bumped[3, 3, 3] = 0.7
+    other = save_array(bumped, data["phantom"].volume, data["tmp"] / "q.nii.gz", np.float32)
+    assert key(other) != key(prior_path)

@@ -2,6 +2,7 @@
 
 from .adapters import (
     ADAPTER_KINDS,
+    FilePrior,
     as_probability_map,
     check_prior_informative,
     from_labels,
@@ -18,6 +19,7 @@ from .mumford_shah import MumfordShahPrior
 __all__ = [
     "ADAPTER_KINDS",
     "PRIOR_KINDS",
+    "FilePrior",
     "GMMPrior",
     "MumfordShahPrior",
     "PriorInput",

@@ -37,6 +37,7 @@ from .base import ProbabilityMap
 
 __all__ = [
     "ADAPTER_KINDS",
+    "FilePrior",
     "as_probability_map",
     "check_prior_informative",
     "from_labels",
@@ -388,3 +389,72 @@ def as_probability_map(
             f"unknown prior kind {kind!r}; choose one of auto, {', '.join(ADAPTER_KINDS)}"
         )
     return result
+
+
+class FilePrior:
+    """An external prior file of one subject, read through the adapters when needed.
+
+    Holds only the path and the reading rule, so a cohort of prior files can be handed to
+    :class:`~cgc_refine.refiner.Refiner` (one per volume) and read subject by subject.
+
+    Parameters
+    ----------
+    path : path
+        NIfTI prior (probability, mask, labels, logits or scores).
+    kind : str
+        Adapter kind (``"auto"`` infers it from the values).
+    resample : bool
+        Resample the prior onto the image grid when the grids differ (linear for continuous
+        kinds, nearest for masks and labels; outside the prior's field of view: 0 for
+        probabilities, masks and labels, the minimum for logits and scores). Without it, a
+        grid mismatch is an error.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], kind: str = "auto", resample: bool = False) -> None:
+        self.path = path
+        self.kind = kind
+        self.resample = resample
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters, as given."""
+        return {"path": self.path, "kind": self.kind, "resample": self.resample}
+
+    def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
+        """The prior on ``volume``'s grid; ``params`` records the file and any resampling."""
+        from ..exceptions import CGCRefineError
+        from ..io import check_same_grid, load_array
+
+        path = os.fspath(self.path)
+        record = {"path": os.path.abspath(path), "kind_requested": self.kind, "resampled": False}
+        if not self.resample:
+            result = as_probability_map(path, kind=self.kind, brain_mask=brain_mask, reference=volume)
+        else:
+            data, affine = load_array(path, name="prior")
+            try:
+                check_same_grid(volume.shape, volume.affine, data.shape, affine)
+                same = True
+            except CGCRefineError:
+                same = False
+            kind = self.kind
+            if kind == "auto":
+                kind = infer_prior_kind(data)
+                logger.info("prior kind inferred from its values: %s", kind)
+            if not same:
+                import nibabel as nib
+                from nibabel.processing import resample_from_to
+
+                order = 0 if kind in ("mask", "labels") else 1
+                fill = 0.0 if kind in ("probability", "mask", "labels") else float(data.min())
+                moved = resample_from_to(
+                    nib.Nifti1Image(data, affine), (volume.shape, volume.affine),
+                    order=order, mode="constant", cval=fill,
+                )
+                data = np.asarray(moved.dataobj, dtype=np.float32)
+                record.update(resampled=True, resample_order=order, resample_fill=fill)
+                logger.info("prior resampled onto the image grid (order %d)", order)
+            result = as_probability_map(data, volume.affine, kind=kind, brain_mask=brain_mask,
+                                        spacing=volume.spacing)
+        return ProbabilityMap(result.data, result.affine, result.source, {**result.params, "file": record})
+
+    def __repr__(self) -> str:
+        return f"FilePrior({os.fspath(self.path)!r}, kind={self.kind!r}, resample={self.resample})"
