@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -364,6 +365,19 @@ class TrainingResult:
         return self.data_wait_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+def _broadcast_buffers(network: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics).
+
+    DDP broadcasts buffers from rank 0 at the start of each forward pass, so during training
+    every rank normalises with rank 0's statistics; the last step's update is local, and this
+    makes the replicas identical again, parameters and buffers alike.
+    """
+    import torch.distributed as dist
+
+    for buffer in network.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 class _TrainForward(torch.nn.Module):
     """A module whose ``forward`` is the network's ``forward_train``.
 
@@ -477,7 +491,14 @@ def train_network(
     started = time.perf_counter()
     waited = 0.0
     steps = 0
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(batches.close)  # stops data-loader workers
+        if context.enabled:
+            # DDP compares every gradient's strides with its bucket view; for the channels-last
+            # 1x1x1 convolutions the two differ only along size-1 axes, where strides are
+            # meaningless, and the resulting warning would be noise.
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         for iteration in range(start_iteration + 1, config.iterations + 1):
             tick = time.perf_counter()
             batch = next(batches)
@@ -505,8 +526,8 @@ def train_network(
             if (checkpoint is not None and checkpoint_every and iteration % checkpoint_every == 0
                     and context.is_main):
                 checkpoint(iteration, optimizer.state_dict())
-    finally:
-        batches.close()  # stops data-loader workers
+    if context.enabled:
+        _broadcast_buffers(network)
     elapsed = time.perf_counter() - started
     network.eval()
     return TrainingResult(history, optimizer.state_dict(), steps, steps * config.batch_size, elapsed, waited)
