@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgc_refine.config import RefinerConfig  # noqa: E402
 from cgc_refine.model import CGCLoss  # noqa: E402
-from cgc_refine.training import _CompiledTrain, build_network, training_step  # noqa: E402
+from cgc_refine.training import _TrainForward, build_network, training_step  # noqa: E402
 
 
 def plain_step(model, loss_fn, optimizer, batch):  # type: ignore[no-untyped-def]
@@ -76,23 +76,17 @@ def count_flops(model, loss_fn, batch) -> float:  # type: ignore[no-untyped-def]
     return float(counter.get_total_flops())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=int, default=1, help="image channels C")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the cgc_refine step (CUDA)")
-    args = parser.parse_args(argv)
-
+def measure(channels: int = 1, steps: int = 20, warmup: int = 5, compile_step: bool = False) -> dict:
+    """Time both loops on this machine's best device; return the rows and the settings."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        config = RefinerConfig(compile=args.compile).validate()
-        shape = (2, args.channels, 192, 192, 64)
+        config = RefinerConfig(compile=compile_step).validate()
+        shape = (2, channels, 192, 192, 64)
         torch.backends.cudnn.benchmark = True
     else:
         config = RefinerConfig.fast(crop_size=(64, 64, 32)).validate()
-        shape = (2, args.channels, 64, 64, 32)
+        shape = (2, channels, 64, 64, 32)
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(shape, generator=generator)
     prior = (torch.rand((shape[0], 1, *shape[2:]), generator=generator) > 0.8).float()
@@ -102,33 +96,44 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     torch.manual_seed(0)
-    baseline = build_network(config, args.channels).to(device)
+    baseline = build_network(config, channels).to(device)
     optimizer = torch.optim.Adam(baseline.parameters(), lr=config.learning_rate)
     flops = count_flops(baseline, loss_fn, batch)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(lambda: plain_step(baseline, loss_fn, optimizer, batch), args.warmup, args.steps, device)
+    times = time_steps(lambda: plain_step(baseline, loss_fn, optimizer, batch), warmup, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     rows.append(("plain fp32 eager (PyTorch defaults)", statistics.median(times), peak))
     del baseline, optimizer
 
     torch.manual_seed(0)
-    network = build_network(config, args.channels).to(device).to(memory_format=torch.channels_last_3d)
+    network = build_network(config, channels).to(device).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
-    model = _CompiledTrain(network) if (args.compile and cuda) else network
+    model = torch.compile(_TrainForward(network)) if (compile_step and cuda) else network
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(
-        lambda: training_step(model, loss_fn, optimizer, batch, device, config.amp), args.warmup, args.steps, device
+        lambda: training_step(model, loss_fn, optimizer, batch, device, config.amp), warmup, steps, device
     )
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     label = "cgc_refine step (channels-last" + (", bf16 autocast" if cuda and config.amp else "") + (
-        ", torch.compile" if args.compile and cuda else "") + ")"
+        ", torch.compile" if compile_step and cuda else "") + ")"
     rows.append((label, statistics.median(times), peak))
-
     card = torch.cuda.get_device_name(0) if cuda else "CPU (reduced mode, no CUDA)"
+    return {"rows": rows, "flops": flops, "shape": shape, "config": config, "card": card}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, default=1, help="image channels C")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the cgc_refine step (CUDA)")
+    args = parser.parse_args(argv)
+    result = measure(args.channels, args.steps, args.warmup, args.compile)
+    rows, flops, shape, config = result["rows"], result["flops"], result["shape"], result["config"]
     print()
-    print(f"# training-step speed, {date.today().isoformat()}, {card}, torch {torch.__version__}, "
+    print(f"# training-step speed, {date.today().isoformat()}, {result['card']}, torch {torch.__version__}, "
           f"batch {'x'.join(map(str, shape))}, widths {list(config.channels)}")
     print(f"# command: python benchmarks/train_speed.py --channels {args.channels} --steps {args.steps}"
           f" --warmup {args.warmup}{' --compile' if args.compile else ''}")
