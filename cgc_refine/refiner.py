@@ -217,6 +217,17 @@ class Refiner(BaseEstimator):
             return self.prior
         return None
 
+    def _per_volume_priors(self, builtin: Any, n_volumes: int) -> list[Any]:
+        """One external prior per volume (None each when a built-in prior computes them)."""
+        if builtin is not None:
+            return [None] * n_volumes
+        external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
+        if len(external) != n_volumes:
+            raise InvalidPriorError(
+                f"got {len(external)} prior map(s) for {n_volumes} volume(s); pass one prior per volume"
+            )
+        return external
+
     def compute_priors(
         self, volumes: Sequence[Any], brain_masks: Sequence[Any] | None = None
     ) -> list[ProbabilityMap]:
@@ -225,13 +236,7 @@ class Refiner(BaseEstimator):
             volumes = [volumes]
         masks = [None] * len(volumes) if brain_masks is None else list(brain_masks)
         builtin = self._builtin_prior()
-        external = [None] * len(volumes)
-        if builtin is None:
-            external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
-            if len(external) != len(volumes):
-                raise InvalidPriorError(
-                    f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
-                )
+        external = self._per_volume_priors(builtin, len(volumes))
         maps = []
         for volume_in, mask_in, prior_in in zip(volumes, masks, external):
             volume = _load(volume_in)
@@ -302,14 +307,7 @@ class Refiner(BaseEstimator):
         if len(masks_in) != len(volumes):
             raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(volumes)} volumes")
         builtin = self._builtin_prior()
-        if builtin is None:
-            external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
-            if len(external) != len(volumes):
-                raise InvalidPriorError(
-                    f"got {len(external)} prior map(s) for {len(volumes)} volume(s); pass one prior per volume"
-                )
-        else:
-            external = [None] * len(volumes)
+        external = self._per_volume_priors(builtin, len(volumes))
         started = time.perf_counter()
         cache = None
         if cache_dir is not None:
