@@ -177,6 +177,12 @@ class Refiner(BaseEstimator):
     n_iter_ : int
         Training iterations done.
 
+    Notes
+    -----
+    Launched by ``torchrun`` with several processes, :meth:`fit` trains a
+    DistributedDataParallel replica per process (``nccl`` on GPUs, ``gloo`` on CPUs) and
+    only rank 0 writes checkpoints and models; see :mod:`cgc_refine.distributed`.
+
     Examples
     --------
     >>> refiner = Refiner("gmm", config=RefinerConfig.fast()).fit(["flair.nii.gz"])  # doctest: +SKIP
