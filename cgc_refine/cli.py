@@ -940,6 +940,11 @@ def _run_single(
         "lesion": {"voxels": n_voxels, "volume_mm3": n_voxels * voxel_mm3},
         "timings": timings,
     })
+    prior_voxels = sidecar["prior"]["foreground_voxels"]
+    sidecar["lesion"]["fraction_of_prior"] = n_voxels / prior_voxels if prior_voxels else None
+    change = volume_change_warning(prior_voxels, n_voxels)
+    if change:
+        logger.warning(change)
     scores = prior_scores = None
     if truth_mask is not None:
         scores = _score(mask, truth_mask, volume.spacing)
@@ -970,6 +975,23 @@ def _run_single(
         proba_path=proba_path, model_path=model_path, sidecar_path=sidecar_path, sidecar=sidecar,
         overwrite=overwrite, started=started, quiet=quiet, report=report_spec,
     )
+
+
+def volume_change_warning(prior_voxels: int, refined_voxels: int) -> str | None:
+    """A label-free warning when the refined mask is under half or over twice the prior's size.
+
+    Refinement smooths and completes a prior; it should not remove or add most of it. A large
+    change is worth a look: in the reduced configuration, refining a strong external
+    segmentation of small lesions lost much of it (benchmarks/RESULTS.md, section 7).
+    """
+    if prior_voxels <= 0:
+        return None
+    ratio = refined_voxels / prior_voxels
+    if 0.5 <= ratio <= 2.0:
+        return None
+    return (f"the refined mask holds {refined_voxels} lesion voxels, {100 * ratio:.0f}% of the prior's "
+            f"{prior_voxels}; check it against the image (a strong prior, such as another network's "
+            "segmentation, can be better than its refinement)")
 
 
 def _dice_text(scores: dict[str, float]) -> str:

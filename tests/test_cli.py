@@ -236,6 +236,8 @@ def test_single_subject_default_output_next_to_image(subject: dict[str, Path]) -
     for key in ("load_s", "prior_s", "train_s", "inference_s", "write_s", "total_s"):
         assert sidecar["timings"][key] >= 0.0
     assert sidecar["lesion"]["voxels"] == int(np.asanyarray(mask.dataobj).sum())
+    assert sidecar["lesion"]["fraction_of_prior"] == pytest.approx(
+        sidecar["lesion"]["voxels"] / sidecar["prior"]["foreground_voxels"])
 
 
 def test_single_subject_oblique_external_prior_into_folder(
@@ -806,3 +808,16 @@ def test_gzip_helper_sanity(tmp_path: Path) -> None:
     data = files["image"].read_bytes()
     with pytest.raises((EOFError, OSError)):
         gzip.decompress(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(("prior", "refined", "warns"), [
+    (1000, 1000, False), (1000, 500, False), (1000, 2000, False),
+    (1000, 499, True), (1000, 2001, True), (0, 50, False),
+])
+def test_volume_change_warning_thresholds(prior: int, refined: int, warns: bool) -> None:
+    from cgc_refine.cli import volume_change_warning
+
+    message = volume_change_warning(prior, refined)
+    assert (message is not None) == warns
+    if warns:
+        assert f"{refined} lesion voxels" in message and f"{prior}" in message
