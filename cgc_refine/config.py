@@ -82,8 +82,11 @@ class RefinerConfig:
         ``torch.compile`` the network for training (CUDA).
     num_workers : int
         Data-loader worker processes drawing training crops while the step runs (0: in the
-        training process, the reproducible default; a few workers pay off when subjects are
-        read from the on-disk cache or the step runs on a GPU). Each worker has its own
+        training process, the reproducible default). Workers are used when the subjects stay
+        on the CPU side -- read from the on-disk cache, or too large (> 4 GiB) to be moved to
+        the GPU -- and pay off when the step runs on a GPU; subjects already on the GPU are
+        cropped there and workers are not started. On a CPU-only machine they compete with
+        the step for the cores (benchmarks/RESULTS.md, section 10). Each worker has its own
         generator, so a resumed run continues with fresh crops rather than the exact stream.
     log_every : int
         Iterations between progress log lines.
