@@ -91,11 +91,15 @@ def _prior_problem(subject: PreparedSubject) -> str | None:
 
 
 def _image_key(volume: Any) -> Any:
-    """What identifies an image's content for the cache: its files, or its data and affine."""
+    """What identifies an image's content for the cache: its files, or its data and affine.
+
+    A loaded Volume is keyed by its data (even when it came from files), so that changing its
+    array in memory can never serve a stale entry.
+    """
     from .io import Volume
 
     if isinstance(volume, Volume):
-        return list(volume.paths) if volume.paths else [volume.data, np.asarray(volume.affine, np.float64)]
+        return [volume.data, np.asarray(volume.affine, np.float64)]
     if isinstance(volume, tuple) and len(volume) == 2 and not isinstance(volume[0], (str, os.PathLike)):
         return [np.asarray(volume[0]), np.asarray(volume[1], np.float64)]
     return volume

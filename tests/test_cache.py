@@ -247,3 +247,14 @@ def test_prior_file_content_keys_the_entry(data):
     bumped[3, 3, 3] = 0.7
     other = save_array(bumped, data["phantom"].volume, data["tmp"] / "q.nii.gz", np.float32)
     assert key(other) != key(prior_path)
+
+
+def test_loaded_volume_is_keyed_by_its_data(data):
+    from cgc_refine.refiner import _image_key
+
+    volume = load_volume(data["path"])
+    key = lambda v: SubjectCache.key(_image_key(v), data["prior"], None, {})  # noqa: E731
+    before = key(volume)
+    assert before == key(load_volume(data["path"]))
+    volume.data[0, 5, 5, 5] += 1.0  # changed in memory after loading from the file
+    assert key(volume) != before
