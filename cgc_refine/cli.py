@@ -1118,8 +1118,8 @@ def prior_command(
 @_modality_option
 @click.option("--resample-prior", is_flag=True, help="Resample prior files onto their image grids.")
 @click.option("--cache-dir", default=None, metavar="DIR",
-              help="Preprocess each subject once into this folder (memory-mapped, keyed by the "
-                   "inputs' content); training then holds only crops in memory and reruns skip "
+              help="Preprocess each subject once into this folder (keyed by the inputs' "
+                   "content); training then reads only its crops from disk, and reruns skip "
                    "loading, priors and preprocessing.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loader worker processes drawing crops while the step runs.")
@@ -1138,7 +1138,7 @@ def fit_command(
 ) -> None:
     """Train one model on a cohort (no ground truth used) and save it.
 
-    Under torchrun (e.g. ``torchrun --standalone --nproc_per_node 2 -m cgc_refine fit ...``)
+    Under torchrun (e.g. 'torchrun --standalone --nproc_per_node 2 -m cgc_refine fit ...')
     every process trains one replica of a DistributedDataParallel model; only rank 0 writes.
     """
     quiet, _ = _sub_logging(ctx, quiet, verbose)
