@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     print(f"# paper tables, {date.today().isoformat()}, {card}, "
           f"{'reduced CPU mode (RefinerConfig.fast)' if reduced else 'full configuration'}, "
-          f"{base.iterations} iterations, seed {args.seed}, transductive cohort training")
+          f"{base.iterations} iterations, seed {args.seed}, transductive cohort training (Table 4 adds leave-one-out)")
     print(f"# command: python benchmarks/paper_tables.py {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
 
     if 1 in tables:
