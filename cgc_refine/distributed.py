@@ -28,7 +28,6 @@ import atexit
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ __all__ = [
     "current_rank",
     "is_main_process",
     "barrier",
-    "gather_objects",
     "rank_seed",
 ]
 
@@ -187,15 +185,6 @@ def barrier(context: DistributedContext) -> None:
     """Wait for every rank (no-op for a single process)."""
     if context.enabled and dist.is_initialized():
         dist.barrier()
-
-
-def gather_objects(context: DistributedContext, value: Any) -> list[Any]:
-    """Every rank's ``value`` (picklable), in rank order; ``[value]`` for a single process."""
-    if not context.enabled:
-        return [value]
-    gathered: list[Any] = [None] * context.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def rank_seed(seed: int, rank: int, worker: int = 0) -> int:

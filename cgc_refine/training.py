@@ -396,9 +396,10 @@ class _TrainForward(torch.nn.Module):
 
 def _batches(
     sampler: CropSampler, config: RefinerConfig, device: torch.device, context: DistributedContext,
-    seed: int, num_workers: int,
+    seed: int,
 ) -> Any:
     """The batch iterator: the sampler itself, or a DataLoader whose workers run it."""
+    num_workers = config.num_workers
     in_memory_on_device = any(
         isinstance(s.image, torch.Tensor) and s.image.device.type != "cpu" for s in sampler.subjects
     )
@@ -487,7 +488,7 @@ def train_network(
     network.train()
     history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {"total": [], "bce": [], "coarse": [], "fine": []}
-    batches = _batches(sampler, config, device, context, seed, config.num_workers)
+    batches = _batches(sampler, config, device, context, seed)
     started = time.perf_counter()
     waited = 0.0
     steps = 0
