@@ -1,19 +1,23 @@
-"""Benchmark of the built-in priors on the real cases in ../shared/data.
+"""Benchmark of the built-in priors on the 16 real cases in ../shared/data.
 
-For every case: Dice, sensitivity and HD95 (mm) of the GMM prior and of the Mumford-Shah
-prior thresholded at 0.5 (optionally of a plain scikit-learn GaussianMixture(4) too), and
-the GMM speed test:
-histogram EM against ``sklearn.mixture.GaussianMixture`` on the same (binned) brain voxels,
-from the same starting parameters, for the same number of EM iterations (``tol=0``), with
-the relative difference of their mean log-likelihoods.
+Sources (see ../shared/data/SOURCES.md): six z-scored BraTS 2015 FLAIR with their
+``brainmask``; five raw BraTS 2021/2018 FLAIR (int16, not normalised) with the derived
+(non-zero) brain mask; five clinical WMH FLAIR (``t2flair-stripped``, 0.47x0.47x8 mm) with the
+derived mask. For every case and every built-in prior (:data:`cgc_refine.priors.BUILTIN_PRIORS`
+except ``auto``, which names one of them): Dice, sensitivity, precision and HD95 (mm) of the
+prior thresholded at 0.5, its label-free diagnostics (marked volume, components, warnings),
+and its time. On the raw BraTS 2021 cases the network prediction ``_pred`` is scored too, as
+an external prior read with ``FilePrior(..., on_image_grid=True)`` (its affine was lost).
+Means ± sd are per source; the "all" line averages the three source means, which is how
+``auto`` is chosen.
 
-Ground truth is read only to score the priors. Speed is reported as ratios measured in the
-same run, never as single absolute times.
+Ground truth is read only to score. Optionally (``--speed``) the GMM speed test of issue 2:
+histogram EM against ``sklearn.mixture.GaussianMixture`` on the same binned voxels.
 
 Usage::
 
-    python benchmarks/priors.py [--data ../shared/data] [--speed-iters 20] [--device auto]
-        [--sklearn-baseline] [--skip-speed | --speed-only]
+    python benchmarks/priors.py [--data ../shared/data] [--priors gmm outlier ...]
+        [--device cpu] [--sklearn-baseline] [--speed [--speed-iters 20]] [--json rows.json]
 
 The tables printed at the end are what ``benchmarks/RESULTS.md`` records.
 """
@@ -21,6 +25,8 @@ The tables printed at the end are what ``benchmarks/RESULTS.md`` records.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import platform
 import statistics
 import sys
@@ -36,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cgc_refine import metrics  # noqa: E402
 from cgc_refine.cohort import PRESETS, find_subjects  # noqa: E402
 from cgc_refine.io import load_mask, load_volume  # noqa: E402
-from cgc_refine.priors import GMMPrior, MumfordShahPrior  # noqa: E402
+from cgc_refine.brain import derive_brain_mask  # noqa: E402
+from cgc_refine.priors import BUILTIN_PRIORS, FilePrior, make_prior, prior_diagnostics  # noqa: E402
 from cgc_refine.priors.base import prepare_prior_input  # noqa: E402
 from cgc_refine.priors.gmm import (  # noqa: E402
     fit_histogram_gmm,
@@ -45,16 +52,24 @@ from cgc_refine.priors.gmm import (  # noqa: E402
 )
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SOURCES = {"deepmedic_brats2015": "brats-deepmedic", "wmh_vbnet_clinical": "wmh-vbnet"}
+#: source folder -> (short label, find_subjects patterns). Raw BraTS 2021 and 2018 are one source.
+SOURCES: dict[str, tuple[str, dict[str, object]]] = {
+    "deepmedic_brats2015": ("z-scored BraTS", dict(PRESETS["brats-deepmedic"])),
+    "brats2021_3dbrainthesis": ("raw BraTS", {"images": ("*_flair.nii.gz",), "truth": "*_seg.nii.gz",
+                                              "extra": {"pred": "*_pred.nii.gz"}}),
+    "brats2018_deepbrainseg": ("raw BraTS", {"images": ("*_flair.nii.gz",), "truth": "*_seg.nii.gz"}),
+    "wmh_vbnet_clinical": ("WMH", dict(PRESETS["wmh-vbnet"])),
+}
+GROUPS = ("z-scored BraTS", "raw BraTS", "WMH")
 
 
 def real_cases(root: Path) -> list[tuple[str, object]]:
-    """(source, subject) for every real case found under ``root``."""
+    """(source label, subject) for every real case found under ``root``."""
     cases = []
-    for folder, preset in SOURCES.items():
+    for folder, (label, patterns) in SOURCES.items():
         if (root / folder).is_dir():
-            for subject in find_subjects(root / folder, **PRESETS[preset]):  # type: ignore[arg-type]
-                cases.append((folder, subject))
+            for subject in find_subjects(root / folder, **patterns):  # type: ignore[arg-type]
+                cases.append((label, subject))
     return cases
 
 
@@ -119,41 +134,61 @@ def gmm_speed(values: np.ndarray, k: int, n_iter: int, repeats: int = 20) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--priors", nargs="+", default=[n for n in BUILTIN_PRIORS if n != "auto"],
+                        help="built-in priors to score (default: all)")
+    parser.add_argument("--device", default="cpu", help="device of the Mumford-Shah prior")
+    parser.add_argument("--sources", nargs="+", default=list(GROUPS), help="source groups to run")
+    parser.add_argument("--speed", action="store_true", help="also run the GMM speed test")
     parser.add_argument("--speed-iters", type=int, default=20, help="EM iterations for the speed test")
-    parser.add_argument("--device", default="auto", help="device of the Mumford-Shah prior")
-    parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--speed-only", action="store_true", help="only the GMM speed test")
     parser.add_argument("--sklearn-baseline", action="store_true",
                         help="also score plain sklearn GaussianMixture(4), brightest component > 0.5")
+    parser.add_argument("--json", type=Path, default=None, help="also write the per-case rows here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
 
-    cases = real_cases(args.data)
+    cases = [(g, s) for g, s in real_cases(args.data) if g in args.sources]
     if not cases:
         print(f"no real cases under {args.data}; nothing to benchmark")
         return 1
     rows = []
-    for source, subject in cases:
+    for group, subject in cases:
         volume = load_volume(subject.images)  # type: ignore[attr-defined]
         truth = load_mask(subject.truth, reference=volume)  # type: ignore[attr-defined]
-        brain = load_mask(subject.brain_mask, reference=volume) if subject.brain_mask else None  # type: ignore[attr-defined]
-        row: dict[str, object] = {"source": source, "case": subject.name}  # type: ignore[attr-defined]
-        priors = () if args.speed_only else (("gmm", GMMPrior()), ("ms", MumfordShahPrior(device=args.device)))
-        for name, prior in priors:
+        if subject.brain_mask:  # type: ignore[attr-defined]
+            brain = load_mask(subject.brain_mask, reference=volume)  # type: ignore[attr-defined]
+        else:
+            brain = derive_brain_mask(volume.data)
+        row: dict[str, object] = {"source": group, "case": subject.name}  # type: ignore[attr-defined]
+        named = [(name, make_prior(name, device=args.device)) for name in args.priors]
+        if "pred" in subject.extra:  # type: ignore[attr-defined]
+            named.append(("pred", FilePrior(subject.extra["pred"], on_image_grid=True)))  # type: ignore[attr-defined]
+        for name, prior in named:
+            tick = time.perf_counter()
             prob = prior.compute(volume, brain)
+            row[f"{name}_seconds"] = time.perf_counter() - tick
             scores = metrics.evaluate(prob.data >= 0.5, truth, volume.spacing)
             for key in ("dice", "sensitivity", "precision", "hd95"):
                 row[f"{name}_{key}"] = scores[key]
-        if args.sklearn_baseline or not args.skip_speed:
+            diag = prior_diagnostics(prob, brain, volume.spacing, log=False)
+            row[f"{name}_ml"] = diag["volume_ml"]
+            row[f"{name}_components"] = diag["n_components"]
+            row[f"{name}_warnings"] = len(diag["warnings"])
+            decision = prob.params.get("foreground_decision")
+            if isinstance(decision, dict):
+                row[f"{name}_fallback"] = bool(decision.get("fallback"))
+        if args.sklearn_baseline or args.speed:
             prepared = prepare_prior_input(volume, brain)
         if args.sklearn_baseline:
             row["sk_dice"] = sklearn_baseline_dice(
                 prepared.channels[0][prepared.brain_mask], prepared.brain_mask, truth, volume.spacing
             )
-        if not args.skip_speed:
+        if args.speed:
             row.update(gmm_speed(prepared.channels[0][prepared.brain_mask], 4, args.speed_iters))
         rows.append(row)
-        if not args.speed_only:
-            print(f"{source}/{row['case']}: gmm dice {row['gmm_dice']:.4f}  ms dice {row['ms_dice']:.4f}", flush=True)
+        print(f"{group}/{row['case']}: " + "  ".join(
+            f"{name} {row[name + '_dice']:.4f}" for name, _ in named), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1, default=float))
 
     import torch
 
@@ -161,38 +196,64 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# priors benchmark, {date.today().isoformat()}, {platform.node()} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), "
           f"Mumford-Shah device {args.device}")
-    flags = " --speed-only" if args.speed_only else (" --skip-speed" if args.skip_speed else "")
+    flags = " --speed" if args.speed else ""
     flags += " --sklearn-baseline" if args.sklearn_baseline else ""
-    print(f"# command: python benchmarks/priors.py --speed-iters {args.speed_iters} --device {args.device}{flags}")
+    print(f"# command: python benchmarks/priors.py --device {args.device}{flags}")
     print()
-    if not args.speed_only:
-        print_quality(rows)
-    if not args.skip_speed:
+    names = [n for n in args.priors] + (["pred"] if any("pred_dice" in r for r in rows) else [])
+    print_quality(rows, names)
+    if args.speed:
         print_speed(rows, args.speed_iters)
     return 0
 
 
-def print_quality(rows: list[dict[str, object]]) -> None:
-    """The per-case and mean quality table."""
-    baseline = "sk_dice" in rows[0]
-    extra = " sklearn GMM(4) Dice |" if baseline else ""
-    print("| source | case | GMM Dice | GMM sens | GMM HD95 mm | MS Dice | MS sens | MS HD95 mm |" + extra)
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if baseline else ""))
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def print_quality(rows: list[dict[str, object]], names: list[str]) -> None:
+    """Per-case Dice table, then per-source mean ± sd of Dice, sensitivity and precision."""
+    print("Dice of each prior (p >= 0.5); [n] = diagnostics warnings; * = GMM fell back to the outlier rule")
+    print()
+    print("| source | case | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
     for row in rows:
-        print(f"| {row['source']} | {row['case']} | {row['gmm_dice']:.4f} | {row['gmm_sensitivity']:.4f} | "
-              f"{row['gmm_hd95']:.2f} | {row['ms_dice']:.4f} | {row['ms_sensitivity']:.4f} | "
-              f"{row['ms_hd95']:.2f} |"
-              + (f" {row['sk_dice']:.4f} |" if baseline else ""))
-    for source in SOURCES:
-        group = [r for r in rows if r["source"] == source]
-        if group:
-            def mean_sd(key: str) -> str:
-                values = [float(r[key]) for r in group]  # type: ignore[arg-type]
-                sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-            print(f"| {source} | **mean ± sd** | {mean_sd('gmm_dice')} | {mean_sd('gmm_sensitivity')} | "
-                  f"{mean_sd('gmm_hd95')} | {mean_sd('ms_dice')} | {mean_sd('ms_sensitivity')} | "
-                  f"{mean_sd('ms_hd95')} |" + (f" {mean_sd('sk_dice')} |" if baseline else ""))
+        cells = []
+        for name in names:
+            if f"{name}_dice" not in row:
+                cells.append("")
+                continue
+            cell = f"{float(row[name + '_dice']):.3f}"  # type: ignore[arg-type]
+            if row.get(f"{name}_fallback"):
+                cell += "*"
+            if row.get(f"{name}_warnings"):
+                cell += f" [{row[name + '_warnings']}]"
+            cells.append(cell)
+        print(f"| {row['source']} | {row['case']} | " + " | ".join(cells) + " |")
+    print()
+    print("| source | metric | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    source_means: dict[str, dict[str, float]] = {}
+    for group in GROUPS:
+        members = [r for r in rows if r["source"] == group]
+        if not members:
+            continue
+        for metric in ("dice", "sensitivity", "precision", "seconds"):
+            cells = []
+            for name in names:
+                values = [float(r[f"{name}_{metric}"]) for r in members if f"{name}_{metric}" in r]  # type: ignore[arg-type]
+                cells.append(_mean_sd(values) if values else "")
+                if metric == "dice" and values:
+                    source_means.setdefault(name, {})[group] = statistics.mean(values)
+            label = "**Dice**" if metric == "dice" else metric
+            print(f"| {group} (n={len(members)}) | {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for name in names:
+        means = source_means.get(name, {})
+        cells.append(f"{statistics.mean(means.values()):.3f}" if len(means) == len(
+            [g for g in GROUPS if any(r["source"] == g for r in rows)]) else "")
+    print("| **mean of source means** | **Dice** | " + " | ".join(cells) + " |")
 
 
 def print_speed(rows: list[dict[str, object]], speed_iters: int) -> None:

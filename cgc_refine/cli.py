@@ -44,11 +44,11 @@ from .exceptions import (
     InvalidPriorError,
     OutputNotWritableError,
 )
+from .priors import BUILTIN_PRIORS  # the one registry of built-in priors; imports nothing heavy
 
 __all__ = ["main"]
 
 PROG = "cgc-refine"
-BUILTIN_PRIORS = ("gmm", "mumford-shah")
 PRIOR_KINDS = ("auto", "probability", "mask", "scores", "labels", "logits")
 MASK_SUFFIX = "label-lesion_mask"
 PROBSEG_SUFFIX = "label-lesion_probseg"
@@ -507,32 +507,62 @@ def _brain_mask(path: str | None, volume: Any, modality: str) -> Any:
 def _builtin_prior_object(name: str, modality: str, device: Any) -> Any:
     from .priors import make_prior
 
-    options: dict[str, Any] = {"modality": modality}
-    if name == "mumford-shah":
-        options["device"] = str(device)
+    # make_prior drops the options a prior does not take (device is Mumford-Shah's only)
+    options: dict[str, Any] = {"modality": modality, "device": str(device)}
     return make_prior(name, **options)
 
 
 def _external_prior(
-    path: str, volume: Any, brain: Any, kind: str, resample: bool
+    path: str, volume: Any, brain: Any, kind: str, resample: bool, on_image_grid: bool = False
 ) -> tuple[Any, dict[str, Any]]:
-    """Read a prior file through the adapters, optionally resampled onto the image grid."""
+    """Read a prior file through the adapters, optionally resampled onto the image grid (or,
+    with ``on_image_grid``, taken as on the image's voxel grid despite its affine)."""
     from .priors import FilePrior
 
-    prior = FilePrior(path, kind=kind, resample=resample).compute(volume, brain)
+    prior = FilePrior(path, kind=kind, resample=resample,
+                      on_image_grid=on_image_grid).compute(volume, brain)
     return prior, {"name": "file", **prior.params["file"]}
 
 
 def _make_prior(
-    prior: str, volume: Any, brain: Any, *, kind: str, resample: bool, modality: str, device: Any
+    prior: str, volume: Any, brain: Any, *, kind: str, resample: bool, modality: str, device: Any,
+    on_image_grid: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The prior probability map of one subject and its provenance."""
     if prior in BUILTIN_PRIORS:
         if kind != "auto":
             logger.warning("--prior-kind %s is ignored for the built-in prior %s", kind, prior)
+        from .priors import AUTO_PRIOR
+
         pmap = _builtin_prior_object(prior, modality, device).compute(volume, brain)
-        return pmap, {"name": prior, "kind_requested": None, "resampled": False}
-    return _external_prior(prior, volume, brain, kind, resample)
+        return pmap, {"name": prior, "resolved_name": AUTO_PRIOR if prior == "auto" else prior,
+                      "kind_requested": None, "resampled": False}
+    return _external_prior(prior, volume, brain, kind, resample, on_image_grid)
+
+
+def _check_images_and_prior(images: Sequence[Path], prior: Path | None) -> None:
+    """Fail at once (before any warning or compute) on a missing image, and refuse an image
+    passed as its own prior (the same file, or a copy with identical bytes)."""
+    from .io import check_input_file, same_file_or_content
+
+    for image in images:
+        check_input_file(image, name="image", error=InvalidImageError)
+    if prior is None or not prior.is_file():
+        return
+    for image in images:
+        if same_file_or_content(prior, image):
+            raise InvalidPriorError(
+                f"the prior '{prior}' is the image '{image}' itself (the same file or identical "
+                "bytes); a prior is a lesion map of that image (probabilities, a mask, labels "
+                "or anomaly scores): pass such a map, or a built-in prior such as --prior gmm"
+            )
+
+
+def _diagnostics_line(diagnostics: dict[str, Any]) -> str:
+    """The label-free prior summary for the result lines."""
+    from .priors.diagnostics import diagnostics_summary
+
+    return diagnostics_summary(diagnostics)
 
 
 def _prior_argument(prior: str) -> str:
@@ -543,7 +573,7 @@ def _prior_argument(prior: str) -> str:
     if not path.exists() and not _is_nifti_name(path) and os.sep not in prior:
         raise InvalidPriorError(
             f"--prior {prior!r} is neither a built-in prior ({', '.join(BUILTIN_PRIORS)}) nor "
-            "an existing file; pass gmm, mumford-shah or the path of a .nii.gz prior map"
+            f"an existing file; pass {', '.join(BUILTIN_PRIORS)} or the path of a .nii.gz prior map"
         )
     return prior
 
@@ -560,11 +590,18 @@ def _window_size(refiner: Any) -> list[int]:
 
 def _build_config(
     *, fast: bool, iterations: int | None, threshold: float | None, min_size_mm3: float | None,
-    crop_size: Sequence[int] | None, workers: int = 0,
+    crop_size: Sequence[int] | None, workers: int = 0, cleanup: str | None = None,
+    rounds: int | None = None, tta: str | int | None = None,
 ) -> Any:
     from .config import RefinerConfig
 
     overrides: dict[str, Any] = {"num_workers": int(workers)}
+    if cleanup is not None:
+        overrides["cleanup"] = cleanup
+    if rounds is not None:
+        overrides["rounds"] = int(rounds)
+    if tta is not None:
+        overrides["tta"] = int(tta)
     if iterations is not None:
         overrides["iterations"] = int(iterations)
     if threshold is not None:
@@ -611,10 +648,23 @@ def _common_options(*, output_help: str) -> Callable[[Callable[..., Any]], Calla
 
 
 def _device_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+        help="CPU threads of torch (default: OMP_NUM_THREADS if set, else the cores this "
+             "process may use: affinity and cgroup quota). Results are bit-identical for one "
+             "seed and one thread count, not across thread counts; recorded in the sidecar.",
+    )(func)
     return click.option(
         "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
         help="Compute device; an explicitly requested CUDA device that is absent is an error.",
     )(func)
+
+
+def _configure_threads(threads: int | None) -> int:
+    """Set torch's CPU thread count (see :func:`cgc_refine.device.configure_threads`)."""
+    from .device import configure_threads
+
+    return configure_threads(threads)
 
 
 def _postprocess_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -629,8 +679,8 @@ def _postprocess_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--crop-size", type=click.IntRange(min=1), nargs=3, default=None,
                         hidden=True, help="Advanced: training crop size (voxels).")(func)
-    func = click.option("--seed", type=int, default=0, show_default=True,
-                        help="Random seed (weights, crops, flips).")(func)
+    func = click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+                        help="Random seed, 0 to 2**32-1 (weights, crops, flips).")(func)
     func = click.option("--iterations", type=click.IntRange(min=1), default=None,
                         help="Training iterations (default: the --fast configuration's, else "
                              "the paper's 2000).")(func)
@@ -638,6 +688,22 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Reduced network and crops that train in minutes on a CPU.")(func)
     func = _postprocess_options(func)
     func = _device_option(func)
+    return func
+
+
+def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The label-free refinement recipe's settings (RefinerConfig.cleanup, rounds, tta)."""
+    from .cleanup import LESION_PATTERNS
+
+    func = click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
+                        help="Flipped copies averaged at inference (default: 2 with --fast, else 8).")(func)
+    func = click.option("--rounds", type=click.IntRange(1, 10), default=None,
+                        help="Self-training rounds (default 1): round r learns from round r-1's "
+                             "cleaned prediction.")(func)
+    func = click.option("--cleanup", type=click.Choice(LESION_PATTERNS), default=None,
+                        help="Label-free clean-up of the prior and of the refined mask, by lesion "
+                             "pattern: focal (one mass: tumour, stroke), multifocal (many foci: MS, "
+                             "WMH), auto (decided from the prior; default) or none.")(func)
     return func
 
 
@@ -722,7 +788,9 @@ class _CLIGroup(click.Group):
         code = 0
         previous_sigterm = _catch_sigterm()
         try:
-            with warnings.catch_warnings():
+            from ._utils import overwrite_wording
+
+            with warnings.catch_warnings(), overwrite_wording("add --overwrite"):
                 warnings.showwarning = _show_warning
                 result = super().main(
                     args=argv, prog_name=prog_name or PROG, complete_var=complete_var,
@@ -799,7 +867,8 @@ def _count_verbose(argv: Sequence[str]) -> int:
 )
 @click.version_option(__version__, "--version", prog_name=PROG, message="%(prog)s %(version)s")
 @click.option("--prior", "prior", metavar="PRIOR",
-              help="A prior map (.nii/.nii.gz) or a built-in prior: gmm, mumford-shah.")
+              help="A prior map (.nii/.nii.gz) or a built-in prior: " + ", ".join(BUILTIN_PRIORS)
+                   + " (auto: the default prior).")
 @click.option("--image", "images", multiple=True, metavar="IMG",
               help="Image file; repeat for several modalities, the lesion-bright one (FLAIR/CT) first.")
 @click.option("--brain-mask", default=None, metavar="MASK",
@@ -810,11 +879,15 @@ def _count_verbose(argv: Sequence[str]) -> int:
 @click.option("--resample-prior", is_flag=True,
               help="Resample a prior on another grid onto the image grid (linear; nearest for "
                    "masks and labels).")
+@click.option("--prior-on-image-grid", is_flag=True,
+              help="Take a prior file with the image's shape but another affine (a lost header) "
+                   "as being on the image's voxel grid, ignoring its affine.")
 @click.option("--save-proba", is_flag=True,
               help="Also write the refined probability map (<stem>_label-lesion_probseg.nii.gz).")
 @click.option("--save-model", default=None, metavar="PATH", help="Also save the trained model.")
 @_truth_option
 @_report_option
+@_recipe_options
 @_training_options
 @_common_options(output_help="Output mask file (.nii.gz) or folder (default: next to the image).")
 @click.pass_context
@@ -849,7 +922,7 @@ def main(ctx: click.Context, **options: Any) -> None:
         click.echo(ctx.get_help())
         ctx.exit(0)
     if not options["prior"]:
-        raise click.UsageError("missing option --prior (a prior file, gmm or mumford-shah)", ctx=ctx)
+        raise click.UsageError("missing option --prior (a prior file or a built-in prior, e.g. auto)", ctx=ctx)
     if not options["images"]:
         raise click.UsageError("missing option --image (the lesion-bright image first)", ctx=ctx)
     _configure_logging(options["quiet"], options["verbose"])
@@ -861,7 +934,9 @@ def _run_single(
     resample_prior: bool, save_proba: bool, save_model: str | None, device: str, threshold: float | None,
     min_size_mm3: float | None, fast: bool, iterations: int | None, seed: int,
     crop_size: Sequence[int] | None, truth: str | None, report: bool, output: str | None,
-    overwrite: bool, quiet: bool, verbose: int,
+    overwrite: bool, quiet: bool, verbose: int, threads: int | None = None,
+    prior_on_image_grid: bool = False, cleanup: str | None = None, rounds: int | None = None,
+    tta: str | None = None,
 ) -> None:
     started = time.perf_counter()
     prior = _prior_argument(prior)
@@ -882,9 +957,12 @@ def _run_single(
     if report:
         plain += [(report_png, "report image"), (report_html, "report page")]
     _check_outputs([mask_path] + ([proba_path] if proba_path else []), plain, inputs, overwrite)
+    _check_images_and_prior(image_paths, None if prior in BUILTIN_PRIORS else Path(prior))
     config = _build_config(fast=fast, iterations=iterations, threshold=threshold,
-                           min_size_mm3=min_size_mm3, crop_size=crop_size)
+                           min_size_mm3=min_size_mm3, crop_size=crop_size, cleanup=cleanup,
+                           rounds=rounds, tta=tta)
     resolved = _resolve_device(device, fast=fast)
+    n_threads = _configure_threads(threads)
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -894,11 +972,14 @@ def _run_single(
     timings["load_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
     pmap, prior_info = _make_prior(prior, volume, brain, kind=prior_kind, resample=resample_prior,
-                                   modality=modality, device=resolved)
-    from .priors import check_prior_informative
+                                   modality=modality, device=resolved,
+                                   on_image_grid=prior_on_image_grid)
+    from .priors import check_prior_informative, prior_diagnostics
 
     check_prior_informative(pmap, brain)
     timings["prior_s"] = time.perf_counter() - tick
+    prior_diag = prior_diagnostics(pmap, brain, volume.spacing)
+    _say(quiet, f"prior: {_diagnostics_line(prior_diag)}")
 
     from .refiner import Refiner
 
@@ -915,10 +996,21 @@ def _run_single(
             return  # under torchrun only rank 0 predicts and writes
         tick = time.perf_counter()
         probability = refiner.predict_proba(volume, brain, progress=bars.inference())
-        mask = refiner.postprocess(probability, volume.spacing)
+        mask = refiner.postprocess(probability, volume.spacing, affine=volume.affine, brain_mask=brain)
         timings["inference_s"] = time.perf_counter() - tick
 
     import numpy as np
+
+    from .cleanup import CleanupSettings, clean_probability
+
+    refinement = _refinement_facts(refiner, config, pmap.data, probability, mask, volume, brain)
+    if config.cleanup != "none":
+        reference = clean_probability(pmap.data, volume.spacing, CleanupSettings(pattern=config.cleanup),
+                                      brain_mask=brain, affine=volume.affine).mask
+    else:
+        reference = (pmap.data >= 0.5).astype(np.uint8)
+    mask, guard_message = refiner.guard(mask, reference)
+    refinement["guard"] = guard_message
 
     n_voxels = int(mask.sum())
     voxel_mm3 = float(abs(np.linalg.det(volume.affine[:3, :3])))
@@ -928,16 +1020,19 @@ def _run_single(
                    "brain_mask": _abs(brain_mask) if brain_mask else "derived"},
         "outputs": {"mask": _abs(mask_path), "probability": _abs(proba_path), "model": _abs(model_path)},
         "prior": {**prior_info, "kind": pmap.source, "params": pmap.params,
-                  "foreground_voxels": int((pmap.data[brain] >= 0.5).sum())},
+                  "foreground_voxels": int((pmap.data[brain] >= 0.5).sum()),
+                  "diagnostics": prior_diag},
         "modality": modality,
         "seed": seed,
         "device": str(refiner.device_),
+        "threads": n_threads,
         "threshold": float(config.threshold),
         "min_size_mm3": float(config.min_size_mm3),
         "config": config.to_dict(),
         "training": {"n_iter": int(refiner.n_iter_), "crop_size": list(refiner.crop_size_),
                      "window_size": _window_size(refiner), "history": refiner.history_},
         "lesion": {"voxels": n_voxels, "volume_mm3": n_voxels * voxel_mm3},
+        "refinement": refinement,
         "timings": timings,
     })
     prior_voxels = sidecar["prior"]["foreground_voxels"]
@@ -975,6 +1070,30 @@ def _run_single(
         proba_path=proba_path, model_path=model_path, sidecar_path=sidecar_path, sidecar=sidecar,
         overwrite=overwrite, started=started, quiet=quiet, report=report_spec,
     )
+
+
+def _refinement_facts(refiner: Any, config: Any, prior: Any, probability: Any, mask: Any, volume: Any,
+                      brain: Any) -> dict[str, Any]:
+    """Label-free facts of a refinement for the sidecar: clean-up, rounds, TTA, change vs the prior."""
+    import numpy as np
+
+    prior_mask = prior >= 0.5
+    refined = mask != 0
+    total = int(prior_mask.sum()) + int(refined.sum())
+    training_cleanup = (getattr(refiner, "target_cleanup_", None) or [None])[0]
+    return {
+        "recipe": {name: getattr(config, name) for name in (
+            "cleanup", "cleanup_output", "target_weighting", "intensity_augmentation", "rounds", "tta",
+            "anisotropic", "fallback")},
+        "strides": getattr(refiner, "strides_", None),
+        "prior_cleanup": training_cleanup,
+        "output_cleanup": getattr(refiner, "cleanup_info_", None),
+        "rounds": getattr(refiner, "rounds_", []),
+        "tta_agreement": getattr(refiner, "tta_agreement_", None),
+        "voxels_changed_vs_prior": int((prior_mask != refined).sum()),
+        "dice_with_prior": 1.0 if total == 0 else 2.0 * int((prior_mask & refined).sum()) / total,
+        "network_voxels_before_cleanup": int((probability >= config.threshold).sum()),
+    }
 
 
 def volume_change_warning(prior_voxels: int, refined_voxels: int) -> str | None:
@@ -1054,8 +1173,9 @@ def _sub_logging(ctx: click.Context, quiet: bool, verbose: int) -> tuple[bool, i
 def prior_command(
     ctx: click.Context, name: str, images: Sequence[str], brain_mask: str | None, modality: str,
     device: str, output: str | None, overwrite: bool, quiet: bool, verbose: int,
+    threads: int | None = None,
 ) -> None:
-    """Compute a built-in prior (gmm or mumford-shah) and write it as a float32 map."""
+    """Compute a built-in prior (auto, gmm, outlier, mumford-shah...) and write it as a float32 map."""
     quiet, _ = _sub_logging(ctx, quiet, verbose)
     overwrite = overwrite or bool((ctx.obj or {}).get("overwrite"))
     started = time.perf_counter()
@@ -1065,17 +1185,18 @@ def prior_command(
     inputs = image_paths + ([Path(brain_mask)] if brain_mask else [])
     _check_outputs([out_path], [(sidecar_path, "sidecar")], inputs, overwrite)
     resolved = _resolve_device(device)
+    n_threads = _configure_threads(threads)
     volume = _load_image(image_paths)
     brain = _brain_mask(brain_mask, volume, modality)
     tick = time.perf_counter()
     pmap = _builtin_prior_object(name, modality, resolved).compute(volume, brain)
     prior_seconds = time.perf_counter() - tick
-    from .priors import check_prior_informative
+    from .priors import AUTO_PRIOR, prior_diagnostics
 
-    try:
-        check_prior_informative(pmap, brain)
-    except InvalidPriorError as exc:
-        logger.warning("%s", exc)
+    # label-free diagnostics; their warnings cover an empty or implausibly large prior
+    prior_diag = prior_diagnostics(pmap, brain, volume.spacing)
+    _say(quiet, f"prior {name}{f' ({AUTO_PRIOR})' if name == 'auto' else ''}: "
+                f"{_diagnostics_line(prior_diag)}")
     from .io import save_probability_map
 
     sidecar = _sidecar_base("prior")
@@ -1083,10 +1204,13 @@ def prior_command(
         "inputs": {"images": [_abs(p) for p in image_paths],
                    "brain_mask": _abs(brain_mask) if brain_mask else "derived"},
         "outputs": {"prior": _abs(out_path)},
-        "prior": {"name": name, "kind": pmap.source, "params": pmap.params,
-                  "foreground_voxels": int((pmap.data[brain] >= 0.5).sum())},
+        "prior": {"name": name, "resolved_name": AUTO_PRIOR if name == "auto" else name,
+                  "kind": pmap.source, "params": pmap.params,
+                  "foreground_voxels": int((pmap.data[brain] >= 0.5).sum()),
+                  "diagnostics": prior_diag},
         "modality": modality,
         "device": str(resolved),
+        "threads": n_threads,
         "timings": {"prior_s": prior_seconds},
     })
     with _transaction(overwrite) as tx:
@@ -1125,6 +1249,7 @@ def prior_command(
               help="Data-loader worker processes drawing crops while the step runs.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Write a checkpoint (MODEL.ckpt) every N iterations (0: none).")
+@_recipe_options
 @_training_options
 @_common_options(output_help="Model file to write (e.g. model.pt); required.")
 @click.pass_context
@@ -1134,7 +1259,8 @@ def fit_command(
     modality: str, resample_prior: bool, cache_dir: str | None, workers: int, checkpoint_every: int,
     device: str, threshold: float | None, min_size_mm3: float | None, fast: bool,
     iterations: int | None, seed: int, crop_size: Sequence[int] | None, output: str | None,
-    overwrite: bool, quiet: bool, verbose: int,
+    overwrite: bool, quiet: bool, verbose: int, threads: int | None = None,
+    cleanup: str | None = None, rounds: int | None = None, tta: str | None = None,
 ) -> None:
     """Train one model on a cohort (no ground truth used) and save it.
 
@@ -1184,7 +1310,7 @@ def fit_command(
         missing = [s.name for s in subjects if s.prior is None]
         raise InvalidPriorError(
             f"{len(missing)} subject(s) have no prior file ({', '.join(missing[:5])}); give every "
-            "subject a prior, or none and use --prior gmm|mumford-shah"
+            "subject a prior, or none and use a built-in --prior (e.g. auto)"
         )
     if with_prior and prior is not None:
         raise click.UsageError("the cohort has prior files; drop --prior or the prior "
@@ -1193,9 +1319,13 @@ def fit_command(
 
     inputs = [p for s in subjects for p in (*s.images, s.prior, s.brain_mask) if p is not None]
     _check_outputs([], [(model_path, "model"), (sidecar_path, "sidecar")], inputs, overwrite)
+    for subject in subjects:
+        _check_images_and_prior(subject.images, subject.prior)
     config = _build_config(fast=fast, iterations=iterations, threshold=threshold,
-                           min_size_mm3=min_size_mm3, crop_size=crop_size, workers=workers)
+                           min_size_mm3=min_size_mm3, crop_size=crop_size, workers=workers,
+                           cleanup=cleanup, rounds=rounds, tta=tta)
     resolved = _resolve_device(device, fast=fast)
+    n_threads = _configure_threads(threads)
     checkpoint_path = model_path.with_name(model_path.name + ".ckpt") if checkpoint_every else None
     if checkpoint_path is not None:
         _check_plain_output(checkpoint_path, overwrite=True, what="checkpoint")
@@ -1244,6 +1374,7 @@ def fit_command(
         "modality": modality,
         "seed": seed,
         "device": str(refiner.device_),
+        "threads": n_threads,
         "n_channels": n_channels,
         "config": config.to_dict(),
         "training": {"n_iter": int(refiner.n_iter_), "crop_size": list(refiner.crop_size_),
@@ -1264,6 +1395,27 @@ def fit_command(
 # --------------------------------------------------------------------------------------------
 
 
+def _load_model(model: str, device: str) -> Any:
+    """:meth:`Refiner.load` for the command line: a folder is called a folder, and warnings
+    torch gives while reading a file that then proves not to be a model are dropped (the
+    error line says what is wrong); warnings of a model that loads are shown as usual."""
+    from .exceptions import CheckpointError
+    from .refiner import Refiner
+
+    path = Path(model)
+    if path.is_dir():
+        raise CheckpointError(
+            f"model file '{path}' is a folder; pass the model file inside it (written by "
+            "'cgc-refine fit -o MODEL.pt' or --save-model)"
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refiner = Refiner.load(model, device=device)
+    for item in caught:
+        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+    return refiner
+
+
 @main.command("predict")
 @click.option("--model", "model", required=True, metavar="MODEL",
               help="Model written by fit or --save-model.")
@@ -1281,6 +1433,7 @@ def predict_command(
     ctx: click.Context, model: str, images: Sequence[str], brain_mask: str | None, save_proba: bool,
     truth: str | None, report: bool, threshold: float | None, min_size_mm3: float | None,
     device: str, output: str | None, overwrite: bool, quiet: bool, verbose: int,
+    threads: int | None = None,
 ) -> None:
     """Segment one subject with a saved model."""
     quiet, _ = _sub_logging(ctx, quiet, verbose)
@@ -1300,13 +1453,14 @@ def predict_command(
     if report:
         plain += [(report_png, "report image"), (report_html, "report page")]
     _check_outputs([mask_path] + ([proba_path] if proba_path else []), plain, inputs, overwrite)
+    _check_images_and_prior(image_paths, None)
     resolved = _resolve_device(device)
+    n_threads = _configure_threads(threads)
 
     from .exceptions import CheckpointError
-    from .refiner import Refiner
 
     tick = time.perf_counter()
-    refiner = Refiner.load(model, device=str(resolved))
+    refiner = _load_model(model, str(resolved))
     volume = _load_image(image_paths)
     if volume.n_channels != refiner.n_channels_in_:
         raise CheckpointError(
@@ -1336,6 +1490,7 @@ def predict_command(
         "modality": refiner.modality,
         "seed": int(refiner.random_state),
         "device": str(refiner.device_),
+        "threads": n_threads,
         "threshold": float(refiner.config_.threshold if threshold is None else threshold),
         "min_size_mm3": float(refiner.config_.min_size_mm3 if min_size_mm3 is None else min_size_mm3),
         "config": refiner.config_.to_dict(),
@@ -1498,7 +1653,8 @@ DEMO_NOISE = 0.15
 @main.command("demo")
 @click.option("--iterations", type=click.IntRange(min=1), default=DEMO_ITERATIONS, show_default=True,
               help="Training iterations.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of phantom and training.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of phantom and training, 0 to 2**32-1.")
 @click.option("--fast/--full", default=True, show_default=True,
               help="Reduced network (CPU friendly) or the paper's network.")
 @click.option("--shape", type=click.IntRange(min=8), nargs=3, default=DEMO_SHAPE, hidden=True,
@@ -1513,7 +1669,7 @@ DEMO_NOISE = 0.15
 def demo_command(
     ctx: click.Context, iterations: int, seed: int, fast: bool, shape: Sequence[int],
     crop_size: Sequence[int] | None, report: bool, device: str, output: str | None, overwrite: bool,
-    quiet: bool, verbose: int,
+    quiet: bool, verbose: int, threads: int | None = None,
 ) -> None:
     """Refine the GMM prior of a synthetic phantom and print the Dice before and after.
 
@@ -1556,6 +1712,7 @@ def demo_command(
     config = _build_config(fast=fast, iterations=iterations, threshold=None, min_size_mm3=None,
                            crop_size=crop_size)
     resolved = _resolve_device(device)
+    n_threads = _configure_threads(threads)
 
     from .metrics import dice
     from .phantom import make_phantom
@@ -1610,6 +1767,7 @@ def demo_command(
         "modality": "mri",
         "seed": seed,
         "device": str(refiner.device_),
+        "threads": n_threads,
         "config": config.to_dict(),
         "dice": {"prior": prior_dice, "refined": refined_dice},
         "timings": {"prior_s": prior_seconds, "train_s": train_seconds,

@@ -6,13 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import CGCRefineError
+from .exceptions import ConfigError
 
 __all__ = ["RefinerConfig", "ConfigError"]
-
-
-class ConfigError(CGCRefineError, ValueError):
-    """A refiner setting is out of range."""
 
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
@@ -90,6 +86,35 @@ class RefinerConfig:
         generator, so a resumed run continues with fresh crops rather than the exact stream.
     log_every : int
         Iterations between progress log lines.
+
+    The label-free refinement recipe (issue "refinement that refines"; each part can be
+    switched off for the ablation table in benchmarks/RESULTS.md):
+
+    target_weighting : {"confidence", "none"}
+        Per-voxel BCE weights from the pseudo-label's margin, ``|2p - 1|``
+        (:func:`cgc_refine.training.target_weights`).
+    intensity_augmentation : bool
+        Per-channel gamma, bias field, contrast/brightness, noise and blur of every training
+        crop's image, never of its target (:mod:`cgc_refine.augment`).
+    cleanup : {"auto", "focal", "multifocal", "none"}
+        Lesion pattern of the label-free clean-up (:mod:`cgc_refine.cleanup`) applied to the
+        training target of every round; ``"none"`` trains on the raw prior.
+    cleanup_output : bool
+        Apply the same clean-up to the refined mask (post-processing).
+    rounds : int
+        Self-training rounds: round 1 learns from the (cleaned) prior, round r from the
+        cleaned, test-time-augmented prediction of round r - 1, each from fresh weights.
+    tta : int
+        Test-time augmentation: the number of flipped copies averaged at inference (1: none;
+        2: left-right flip; 4: flips of the first two axes; 8: all axis flips).
+    anisotropic : bool
+        Choose per-axis down-sampling strides from the voxel spacing
+        (:func:`cgc_refine.model.anisotropic_strides`): an axis much coarser than the finest
+        is not pooled until the others catch up. False pools every axis at every level.
+    fallback : bool
+        Label-free guard: when the refined mask holds under a third or over three times the
+        cleaned prior's volume (a collapse or an explosion, not a refinement), warn and return
+        the cleaned prior instead.
     """
 
     channels: tuple[int, ...] = (32, 64, 128, 256)
@@ -115,6 +140,14 @@ class RefinerConfig:
     compile: bool = False
     num_workers: int = 0
     log_every: int = 50
+    target_weighting: str = "confidence"
+    intensity_augmentation: bool = True
+    cleanup: str = "auto"
+    cleanup_output: bool = True
+    rounds: int = 1
+    tta: int = 8
+    anisotropic: bool = True
+    fallback: bool = True
 
     @classmethod
     def fast(cls, **overrides: Any) -> "RefinerConfig":
@@ -124,12 +157,12 @@ class RefinerConfig:
         learning rate (3e-3, to make up for the fewer steps), inference in 128x128x64
         windows with 25 % overlap. Mini-patches are 2x2x2 so that the 8x8x4 bottleneck keeps
         the paper's 4x4x2 grid of patches (6x6x4 of 24x24x8); the other CGC settings are the
-        paper's.
+        paper's. Test-time augmentation averages 2 copies (the left-right flip) instead of 8.
         """
         base = dict(
             channels=(8, 16, 32, 64), crop_size=(64, 64, 32), iterations=200, patch_size=(2, 2, 2),
             learning_rate=3e-3, sw_batch_size=1, log_every=20,
-            inference_window=(128, 128, 64), overlap=0.25,
+            inference_window=(128, 128, 64), overlap=0.25, tta=2,
         )
         base.update(overrides)
         return cls(**base)
@@ -163,6 +196,17 @@ class RefinerConfig:
             raise ConfigError("foreground_oversampling must be in [0, 1]")
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        from .cleanup import LESION_PATTERNS
+        from .training import TARGET_WEIGHTINGS
+
+        if self.target_weighting not in TARGET_WEIGHTINGS:
+            raise ConfigError(f"target_weighting must be one of {TARGET_WEIGHTINGS}, got {self.target_weighting!r}")
+        if self.cleanup not in LESION_PATTERNS:
+            raise ConfigError(f"cleanup must be one of {LESION_PATTERNS}, got {self.cleanup!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 10:
+            raise ConfigError(f"rounds must be an integer from 1 to 10, got {self.rounds!r}")
+        if self.tta not in (1, 2, 4, 8) or isinstance(self.tta, bool):
+            raise ConfigError(f"tta must be 1, 2, 4 or 8 flipped copies, got {self.tta!r}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold!r}")
         window = None if self.inference_window is None else _triple(self.inference_window, "inference_window")

@@ -1,22 +1,41 @@
-"""Compute-device selection and seeding.
+"""Compute-device selection, CPU thread count and seeding.
 
 Library code follows the device of the tensors it is given; only the refiner's ``fit`` and
-``load`` resolve a device name, through :func:`resolve_device`.
+``load`` resolve a device name, through :func:`resolve_device`. :func:`configure_threads`
+sets torch's intra-op thread count from the CPU cores this process may actually use (the
+command line calls it for every command); :func:`check_seed` validates a random seed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .exceptions import DeviceUnavailableError
+from .exceptions import ConfigError, DeviceUnavailableError
 
-__all__ = ["resolve_device", "seed_everything"]
+__all__ = [
+    "MAX_SEED",
+    "available_cpus",
+    "check_seed",
+    "configure_threads",
+    "resolve_device",
+    "seed_everything",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Largest accepted random seed (seeds are integers 0 .. 2**32 - 1, NumPy's legacy range).
+MAX_SEED = 2**32 - 1
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,3 +86,201 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_seed(seed: Any, name: str = "random_state") -> int:
+    """Return ``seed`` as an int after checking it is an integer in ``0 .. 2**32 - 1``.
+
+    Parameters
+    ----------
+    seed : int
+        The seed (Python or NumPy integer; ``bool`` is refused).
+    name : str
+        How the caller calls it, for the message (``"random_state"``, ``"--seed"``).
+
+    Returns
+    -------
+    int
+        The seed.
+
+    Raises
+    ------
+    ConfigError
+        If ``seed`` is not an integer or is outside ``0 .. 2**32 - 1``.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(
+            f"{name} must be an integer between 0 and {MAX_SEED} (2**32 - 1), got {seed!r} "
+            f"of type {type(seed).__name__}; pass a whole number such as 0 or 42"
+        )
+    value = int(seed)
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(
+            f"{name} must be between 0 and {MAX_SEED} (2**32 - 1), got {value}; pick a seed "
+            "in that range"
+        )
+    return value
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def _cgroup_paths(proc_cgroup: Path) -> dict[str, str]:
+    """Controller name -> cgroup path of this process (``""`` is the unified v2 hierarchy)."""
+    text = _read_text(proc_cgroup) or ""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for controller in parts[1].split(",") if parts[1] else [""]:
+            paths[controller] = parts[2]
+    return paths
+
+
+def _quota_cpus(quota: float, period: float) -> int | None:
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def cgroup_cpu_limit(
+    root: str | os.PathLike[str] = _CGROUP_ROOT, proc_cgroup: str | os.PathLike[str] = _PROC_CGROUP
+) -> int | None:
+    """CPUs allowed by the cgroup CPU quota of this process, or None without a quota.
+
+    Reads cgroup v2 ``cpu.max`` (``"max 100000"`` means no quota) and cgroup v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1 means none), in the process's
+    own cgroup and at the root of the hierarchy (containers usually see their cgroup there).
+    A quota of 1.5 CPUs counts as 2.
+
+    Parameters
+    ----------
+    root : path
+        The cgroup file system (``/sys/fs/cgroup``; a parameter for tests).
+    proc_cgroup : path
+        This process's cgroup membership file (``/proc/self/cgroup``).
+
+    Returns
+    -------
+    int or None
+        The smallest quota found, rounded up to whole CPUs, or None.
+    """
+    root = Path(root)
+    own = _cgroup_paths(Path(proc_cgroup))
+    limits: list[int] = []
+    v2_dirs = {root}
+    if "" in own:
+        v2_dirs.add(root / own[""].lstrip("/"))
+    for folder in v2_dirs:
+        text = _read_text(folder / "cpu.max")
+        if text is None:
+            continue
+        fields = text.split()
+        if len(fields) == 2 and fields[0] != "max":
+            try:
+                cpus = _quota_cpus(float(fields[0]), float(fields[1]))
+            except ValueError:
+                cpus = None
+            if cpus is not None:
+                limits.append(cpus)
+    v1_dirs = set()
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        if (root / name).is_dir():
+            v1_dirs.add(root / name)
+            if "cpu" in own:
+                v1_dirs.add(root / name / own["cpu"].lstrip("/"))
+    for folder in v1_dirs:
+        quota, period = _read_text(folder / "cpu.cfs_quota_us"), _read_text(folder / "cpu.cfs_period_us")
+        if quota is None or period is None:
+            continue
+        try:
+            cpus = _quota_cpus(float(quota), float(period))
+        except ValueError:
+            cpus = None
+        if cpus is not None:
+            limits.append(cpus)
+    return min(limits) if limits else None
+
+
+def available_cpus() -> int:
+    """CPU cores this process may actually use: affinity mask and cgroup quota, at least 1.
+
+    ``os.cpu_count()`` counts every core of the machine, also those a container, a batch
+    scheduler (``taskset``, Slurm) or a cgroup quota keep this process from using; torch's
+    default thread count is based on the machine, which oversubscribes a shared or limited
+    CPU badly.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def _env_threads() -> int | None:
+    """A valid ``OMP_NUM_THREADS`` (a positive integer), else None (with a warning if set)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text.split(",")[0])
+    except ValueError:
+        value = 0
+    if value < 1:
+        logger.warning("ignoring OMP_NUM_THREADS=%r (not a positive integer)", text)
+        return None
+    return value
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op CPU thread count and return it.
+
+    With ``threads=None`` the count is an explicit ``OMP_NUM_THREADS`` environment variable
+    when one is set, and otherwise the number of cores this process may use
+    (:func:`available_cpus`: affinity mask and cgroup quota), never more. Results are
+    bit-identical for one seed and one thread count, not across thread counts, so record the
+    returned value with the results (the command line writes it to every sidecar).
+
+    Parameters
+    ----------
+    threads : int, optional
+        An explicit thread count (at least 1). More threads than available cores is honoured
+        but logged as a warning, since it usually slows training down.
+
+    Returns
+    -------
+    int
+        The thread count now in effect.
+
+    Raises
+    ------
+    ConfigError
+        If ``threads`` is not a positive integer.
+    """
+    cpus = available_cpus()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise ConfigError(f"threads must be a positive integer, got {threads!r}; pass e.g. 1 or 4")
+        count = int(threads)
+        source = "requested"
+    else:
+        env = _env_threads()
+        count, source = (env, "OMP_NUM_THREADS") if env is not None else (cpus, "available cores")
+    if count > cpus:
+        logger.warning(
+            "using %d CPU threads but only %d core(s) are available to this process; "
+            "oversubscribed threads usually slow training down (try --threads %d)",
+            count, cpus, cpus,
+        )
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    logger.info("CPU threads: %d (%s)", count, source)
+    return count

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CGCRefineError",
+    "ConfigError",
     "InvalidImageError",
     "InvalidPriorError",
     "SpaceMismatchError",
@@ -24,6 +25,10 @@ __all__ = [
 
 class CGCRefineError(Exception):
     """Base class of every error raised on purpose by cgc_refine."""
+
+
+class ConfigError(CGCRefineError, ValueError):
+    """A refiner setting is out of range (also re-exported by :mod:`cgc_refine.config`)."""
 
 
 class InvalidImageError(CGCRefineError, ValueError):
@@ -43,7 +48,8 @@ class EmptyMaskError(CGCRefineError, ValueError):
 
 
 class CheckpointError(CGCRefineError, RuntimeError):
-    """A saved model cannot be read or does not fit the data it is applied to."""
+    """A saved model cannot be read, does not fit the data it is applied to, or cannot be
+    written (disk full, file-size limit, a failing serialiser)."""
 
 
 class DeviceUnavailableError(CGCRefineError, RuntimeError):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .exceptions import DeviceUnavailableError, InvalidImageError
+from .model.geometry import as_factor_triple
 
 __all__ = ["gaussian_importance_map", "sliding_window_predict", "window_starts"]
 
@@ -52,6 +53,18 @@ def _roi_tuple(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
             f"got {roi_size!r}; pass the patch size the network was trained on, e.g. (64, 64, 64)"
         )
     return items[0], items[1], items[2]
+
+
+def _check_roi_multiple(roi: tuple[int, int, int], multiple_of: int | Sequence[int]) -> None:
+    """Raise ``ValueError`` unless every axis of ``roi`` is a multiple of its factor."""
+    factors = as_factor_triple(multiple_of, "multiple_of")
+    if any(r % f for r, f in zip(roi, factors, strict=True)):
+        fixed = tuple(max(f, (r // f) * f) for r, f in zip(roi, factors, strict=True))
+        raise ValueError(
+            f"roi_size {roi} is not a multiple of the network's down-sampling factors {factors} "
+            f"(per axis X, Y, Z); the network cannot take such a window. Use e.g. {fixed} "
+            "(cgc_refine.training.effective_crop_size rounds a size for you)"
+        )
 
 
 def _check_overlap(overlap: float) -> float:
@@ -232,6 +245,7 @@ def sliding_window_predict(
     device: DeviceLike | None = None,
     progress: Callable[[int, int], object] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    multiple_of: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Apply a patch-wise predictor to whole volumes with overlapping windows.
 
@@ -274,6 +288,12 @@ def sliding_window_predict(
     autocast_dtype : torch.float16 or torch.bfloat16, optional
         Run the predictor under :func:`torch.autocast` with this dtype. Only used when
         ``sw_device`` is a CUDA device; ignored (with a debug log) elsewhere.
+    multiple_of : int or sequence of 3 ints, optional
+        The down-sampling factor of the network: one int for every axis (an isotropic U-Net,
+        ``2 ** n_down``) or one per axis (``CGCUNet.downsample_factors``, e.g. ``(8, 8, 1)``
+        for thick slices). When given, ``roi_size`` is checked to be a multiple of it along
+        each axis before any window is run, so a window the network cannot take fails early
+        with a message that names the factors. None (default) checks nothing.
 
     Returns
     -------
@@ -287,8 +307,8 @@ def sliding_window_predict(
     InvalidImageError
         If ``inputs`` is not a 5-D tensor with non-empty dimensions.
     ValueError
-        If an argument is out of range, or the predictor returns a tensor of the wrong
-        shape.
+        If an argument is out of range, ``roi_size`` is not a multiple of ``multiple_of``, or
+        the predictor returns a tensor of the wrong shape.
     DeviceUnavailableError
         If ``sw_device`` or ``device`` names a CUDA or MPS device that is not available.
 
@@ -317,6 +337,8 @@ def sliding_window_predict(
             f"got {type(predictor).__name__}"
         )
     roi = _roi_tuple(roi_size)
+    if multiple_of is not None:
+        _check_roi_multiple(roi, multiple_of)
     overlap = _check_overlap(overlap)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")

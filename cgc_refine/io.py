@@ -20,7 +20,10 @@ order for code that wants to work in a fixed orientation; the round trip is exac
 
 from __future__ import annotations
 
+import filecmp
+import gzip
 import logging
+import math
 import os
 import secrets
 import zlib
@@ -41,7 +44,7 @@ from nibabel.orientations import (
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from nibabel.volumeutils import native_code
 
-from ._utils import check_writable_target
+from ._utils import check_writable_target, overwrite_hint
 from .exceptions import (
     CGCRefineError,
     InvalidImageError,
@@ -57,7 +60,9 @@ __all__ = [
     "load_array",
     "load_mask",
     "check_same_grid",
+    "check_input_file",
     "check_output_path",
+    "same_file_or_content",
     "save_array",
     "save_mask",
     "save_probability_map",
@@ -75,6 +80,11 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _RAS_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 # NIfTI xform code used when a header carries no coordinate system yet ("aligned").
 _ALIGNED = 2
+# Deflate expands data at most ~1032-fold; a .nii.gz claiming more than this many times its
+# size cannot hold its voxels.
+_MAX_DEFLATE_RATIO = 1100
+# Chunk of decompressed bytes counted at a time when checking a .nii.gz against its header.
+_COUNT_CHUNK = 1 << 20
 # Spatial units of a NIfTI header, expressed in millimetres.
 _UNIT_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001, "unknown": 1.0}
 # Errors nibabel, gzip and numpy raise on unreadable, truncated or corrupt files.
@@ -420,10 +430,32 @@ class Volume:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_nifti(
-    path: PathLike, *, name: str, error: type[CGCRefineError]
-) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header, Path]:
-    """Read one 3-D NIfTI file as float32, checking everything; return data, affine, header."""
+def check_input_file(
+    path: PathLike, *, name: str = "image", error: type[CGCRefineError] = InvalidImageError
+) -> Path:
+    """Check that ``path`` names an existing NIfTI file (cheap: nothing is read).
+
+    Useful to fail at once, before slow set-up work, on a misspelt path.
+
+    Parameters
+    ----------
+    path : path
+        The input file.
+    name : str
+        What the file is, for the message (``"image"``, ``"prior"``, ``"brain mask"``).
+    error : type
+        The error class raised.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    CGCRefineError
+        ``error``, if the file does not exist, is a folder, or has no .nii/.nii.gz name.
+    """
     p = Path(os.fsdecode(path))
     if not p.exists():
         raise error(f"{name} file '{p}' does not exist; check the path and its spelling")
@@ -434,6 +466,99 @@ def _read_nifti(
             f"{name} file '{p}' is not a NIfTI file (the name must end in .nii or .nii.gz); "
             "convert it to NIfTI first, e.g. with dcm2niix for DICOM or nib-convert"
         )
+    return p
+
+
+def same_file_or_content(first: PathLike, second: PathLike) -> bool:
+    """Whether two paths name the same file (after resolving links) or files of equal bytes.
+
+    Parameters
+    ----------
+    first, second : path
+        Two existing files.
+
+    Returns
+    -------
+    bool
+        True for one file reached twice (symbolic or hard links included) or for two files
+        with identical content; False otherwise, or when either cannot be read.
+    """
+    a, b = Path(os.fsdecode(first)), Path(os.fsdecode(second))
+    try:
+        if os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def _decompressed_at_least(path: Path, needed: int) -> bool | None:
+    """Whether the gzip file holds at least ``needed`` bytes once decompressed.
+
+    Counts the decompressed stream in 1 MB chunks without keeping them (memory stays bounded)
+    and stops as soon as ``needed`` bytes were seen. None when the stream is unreadable: the
+    reader then reports the corruption itself.
+    """
+    seen = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while seen < needed:
+                chunk = stream.read(min(_COUNT_CHUNK, needed - seen))
+                if not chunk:
+                    return False
+                seen += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return True
+
+
+def _check_data_size(img: nib.Nifti1Image, p: Path, *, name: str, error: type[CGCRefineError]) -> None:
+    """Refuse a file whose header claims more voxel data than the file can hold.
+
+    Runs before the voxel data are read, so that a corrupt or forged header (say 2000^3
+    float32 voxels in a 1 KB file) is an error, not an attempt to allocate 32 GB. An
+    uncompressed file is compared with its size on disk; a .nii.gz first with the most that
+    deflate can expand it to, then with the uncompressed size in its gzip trailer (ISIZE,
+    modulo 2**32), and, when that does not settle it (a multi-member file, over 4 GB), by
+    counting the decompressed bytes up to what the header needs.
+    """
+    proxy = img.dataobj
+    shape = tuple(int(s) for s in getattr(proxy, "shape", img.shape))
+    dtype = np.dtype(getattr(proxy, "dtype", img.get_data_dtype()))
+    offset = int(getattr(proxy, "offset", img.header.get_data_offset()))
+    needed = offset + math.prod(shape) * dtype.itemsize
+    size = p.stat().st_size
+    if _nifti_suffix(p) == ".nii":
+        holds: bool | None = size >= needed
+        have = f"{size} bytes"
+    else:
+        have = f"{size} compressed bytes"
+        if needed > size * _MAX_DEFLATE_RATIO + _COUNT_CHUNK:
+            holds = False
+        else:
+            with open(p, "rb") as handle:
+                handle.seek(max(size - 4, 0))
+                isize = int.from_bytes(handle.read(4), "little")
+            may_exceed_4gb = size * _MAX_DEFLATE_RATIO >= 2**32
+            if isize == needed % 2**32 or (not may_exceed_4gb and isize >= needed):
+                holds = True
+            else:
+                holds = _decompressed_at_least(p, needed)
+    if holds is False:
+        raise error(
+            f"{name} file '{p}' is truncated or corrupt: its header describes "
+            f"{'x'.join(str(s) for s in shape)} {dtype} voxels ({needed / 1e6:,.1f} MB with the "
+            f"header) but the file holds only {have}; re-export or re-download the file"
+        )
+
+
+def _read_nifti(
+    path: PathLike, *, name: str, error: type[CGCRefineError]
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header, Path]:
+    """Read one 3-D NIfTI file as float32, checking everything; return data, affine, header."""
+    p = check_input_file(path, name=name, error=error)
     try:
         img = nib.load(str(p), mmap=False)
     except _READ_ERRORS as exc:
@@ -465,6 +590,7 @@ def _read_nifti(
             f"{name} file '{p}' holds a single slice (shape {shape}), not a 3-D volume; pass "
             "a volume with at least 2 voxels along every axis"
         )
+    _check_data_size(img, p, name=name, error=error)
     try:
         raw = np.asanyarray(img.dataobj)
     except _READ_ERRORS as exc:
@@ -827,15 +953,15 @@ def _commit(tmp: Path, dest: Path, overwrite: bool) -> None:
         os.link(tmp, dest)  # atomic and fails if dest exists: no check-then-act race
     except FileExistsError as exc:
         raise OutputExistsError(
-            f"output '{dest}' already exists (it appeared while writing); pass "
-            "overwrite=True (CLI: --overwrite) to replace it, or choose another path"
+            f"output '{dest}' already exists (it appeared while writing); {overwrite_hint()} "
+            "to replace it, or choose another path"
         ) from exc
     except OSError:
         # File systems without hard links: check, then replace.
         if os.path.lexists(dest):
             raise OutputExistsError(
-                f"output '{dest}' already exists; pass overwrite=True (CLI: --overwrite) to "
-                "replace it, or choose another path"
+                f"output '{dest}' already exists; {overwrite_hint()} to replace it, or "
+                "choose another path"
             ) from None
         os.replace(tmp, dest)
 

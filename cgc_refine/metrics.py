@@ -46,8 +46,20 @@ one mask the distance to the nearest surface voxel of the other is read from
 first cropped to the bounding box of their union plus a one-voxel margin, which leaves every
 distance unchanged and makes large volumes cheap.
 
-* :func:`hd95` is the larger of the two directed 95th percentiles (linear interpolation,
-  ``numpy.percentile``'s default), the definition used by MedPy's ``hd95``.
+* :func:`hd95` has two definitions in common use, both offered (``method=``), both with
+  ``numpy.percentile``'s linear interpolation:
+
+  - ``"max_directed"`` (the default): the larger of the two directed 95th percentiles,
+    ``max(P95(d_AB), P95(d_BA))``; MONAI's ``compute_hausdorff_distance(percentile=95)``.
+    It is the default because every HD95 in ``benchmarks/RESULTS.md`` was computed with
+    it, and it is the stricter of the two (never below ``"pooled"`` by more than
+    interpolation rounding).
+  - ``"pooled"``: the 95th percentile of both directed distance sets pooled together,
+    ``P95(d_AB ∪ d_BA)``; MedPy's ``medpy.metric.binary.hd95``. It is usually smaller, and
+    can be much smaller when one surface is far larger than the other (its many short
+    distances dilute the other direction's long ones).
+
+  Name the method when reporting HD95; the two are not interchangeable.
 * :func:`assd` is the mean of all distances of both directions pooled together, i.e.
   ``(sum(d_AB) + sum(d_BA)) / (|S_A| + |S_B|)``. Note that MedPy's ``assd`` instead averages
   the two directed means; the two agree when both surfaces have the same number of voxels.
@@ -65,6 +77,7 @@ from scipy import ndimage
 from .exceptions import EmptyMaskError, InvalidImageError, SpaceMismatchError
 
 __all__ = [
+    "HD95_METHODS",
     "dice",
     "sensitivity",
     "precision",
@@ -73,6 +86,9 @@ __all__ = [
     "auprc",
     "evaluate",
 ]
+
+#: The HD95 definitions :func:`hd95` offers; the first is the default.
+HD95_METHODS = ("max_directed", "pooled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +361,25 @@ def _distance_inputs(
     return p, t, _check_spacing(spacing)
 
 
+def _check_hd95_method(method: str) -> str:
+    if method not in HD95_METHODS:
+        raise ValueError(
+            f"unknown HD95 method {method!r}; use 'max_directed' (larger of the two directed "
+            "95th percentiles, MONAI) or 'pooled' (95th percentile of both directions "
+            "together, MedPy)"
+        )
+    return method
+
+
+def _percentile95(d_pt: np.ndarray, d_tp: np.ndarray, method: str) -> float:
+    """HD95 of two directed distance sets by ``method`` (see the module docstring)."""
+    if method == "pooled":
+        return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
 def _distance_metrics(
-    p: np.ndarray, t: np.ndarray, spacing: tuple[float, float, float]
+    p: np.ndarray, t: np.ndarray, spacing: tuple[float, float, float], method: str = "max_directed"
 ) -> tuple[float, float]:
     """``(hd95, assd)`` of two validated 3-D boolean masks, empty-mask policy included."""
     p_any, t_any = bool(p.any()), bool(t.any())
@@ -355,19 +388,24 @@ def _distance_metrics(
     if p_any != t_any:
         return math.inf, math.inf
     d_pt, d_tp = _surface_distances(p, t, spacing)
-    hd = float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+    hd = _percentile95(d_pt, d_tp, method)
     mean = float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size))
     return hd, mean
 
 
 def hd95(
-    pred: ArrayLike, truth: ArrayLike, spacing: Sequence[float] | ArrayLike = (1.0, 1.0, 1.0)
+    pred: ArrayLike,
+    truth: ArrayLike,
+    spacing: Sequence[float] | ArrayLike = (1.0, 1.0, 1.0),
+    method: str = "max_directed",
 ) -> float:
-    """95th-percentile symmetric Hausdorff distance between two mask surfaces, in mm.
+    """95th-percentile Hausdorff distance between two mask surfaces, in mm.
 
-    The larger of the two directed 95th percentiles (``pred`` surface to ``truth`` surface
-    and back; ``numpy.percentile`` with linear interpolation), as in MedPy's ``hd95``.
-    Surfaces and distances are defined in the module docstring.
+    With ``method="max_directed"`` (default) the larger of the two directed 95th
+    percentiles (``pred`` surface to ``truth`` surface, and back), as MONAI computes it; with
+    ``method="pooled"`` the 95th percentile of both directions' distances together, as
+    MedPy's ``hd95`` computes it. Both use ``numpy.percentile``'s linear interpolation.
+    Surfaces, distances and the choice of default are described in the module docstring.
 
     Parameters
     ----------
@@ -375,6 +413,8 @@ def hd95(
         3-D masks of the same shape; values ``> 0`` are foreground.
     spacing : sequence of 3 float
         Voxel size in millimetres along each array axis (anisotropic spacing is honoured).
+    method : {"max_directed", "pooled"}
+        The HD95 definition (see above).
 
     Returns
     -------
@@ -387,9 +427,12 @@ def hd95(
         If the shapes differ.
     InvalidImageError
         If a mask is not 3-D or holds NaN/Inf, or ``spacing`` is not three positive numbers.
+    ValueError
+        If ``method`` is not one of :data:`HD95_METHODS`.
     """
+    _check_hd95_method(method)
     p, t, sp = _distance_inputs(pred, truth, spacing)
-    return _distance_metrics(p, t, sp)[0]
+    return _distance_metrics(p, t, sp, method)[0]
 
 
 def assd(
@@ -510,6 +553,7 @@ def evaluate(
     truth: ArrayLike,
     spacing: Sequence[float] | ArrayLike = (1.0, 1.0, 1.0),
     prob: ArrayLike | None = None,
+    hd95_method: str = "max_directed",
 ) -> dict[str, float]:
     """All segmentation metrics of one prediction.
 
@@ -521,6 +565,8 @@ def evaluate(
         Voxel size in millimetres along each array axis.
     prob : array-like, optional
         Foreground probability map on the same grid; when given, ``"auprc"`` is added.
+    hd95_method : {"max_directed", "pooled"}
+        The definition of ``"hd95"`` (see :func:`hd95`).
 
     Returns
     -------
@@ -536,9 +582,10 @@ def evaluate(
     InvalidImageError
         If a mask is not 3-D or holds NaN/Inf, or ``spacing`` is not three positive numbers.
     """
+    _check_hd95_method(hd95_method)
     p, t, sp = _distance_inputs(pred, truth, spacing)
     tp, fp, fn = _counts(p, t)
-    hd, mean = _distance_metrics(p, t, sp)
+    hd, mean = _distance_metrics(p, t, sp, hd95_method)
     result: dict[str, float] = {
         "dice": _dice_from_counts(tp, fp, fn),
         "sensitivity": _sensitivity_from_counts(tp, fn),

@@ -24,7 +24,10 @@ from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
 from .distributed import barrier, is_main_process, rank_seed, setup_distributed
 from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError
+from .augment import IntensityAugmentation
+from .cleanup import CleanupSettings, clean_probability
 from .inference import sliding_window_predict
+from .model import anisotropic_strides
 from .postprocess import remove_small_components
 from .priors import GMMPrior, MumfordShahPrior, ProbabilityMap, as_probability_map, check_prior_informative
 from .training import (
@@ -34,6 +37,8 @@ from .training import (
     effective_crop_size,
     prepare_subject,
     train_network,
+    with_target,
+    crop_in_voxels,
 )
 
 __all__ = ["Refiner", "CHECKPOINT_FORMAT"]
@@ -180,6 +185,22 @@ class Refiner(BaseEstimator):
         Provenance of the training priors (source kind and parameters).
     n_iter_ : int
         Training iterations done.
+    strides_ : list of list of int or None
+        Per-level down-sampling strides of the network (None: isotropic), chosen from the
+        median training spacing when ``config.anisotropic``.
+    spacing_ : tuple of float
+        That median voxel spacing (mm).
+    target_cleanup_ : list of dict
+        Per training subject, what the clean-up of its prior did (pattern, voxels added and
+        removed), or None when ``config.cleanup == "none"``.
+    rounds_ : list of dict
+        Per self-training round after the first: voxels changed, Dice with the previous
+        target and TTA agreement of each subject's new target (label-free).
+    tta_agreement_ : float
+        Set by :meth:`predict_proba`: mean Dice of each flipped copy's mask with the averaged
+        mask (1: the copies agree everywhere).
+    cleanup_info_ : dict or None
+        Set by :meth:`postprocess`: what the clean-up of the output did.
 
     Notes
     -----
@@ -215,13 +236,13 @@ class Refiner(BaseEstimator):
     # ------------------------------------------------------------------ priors
     def _builtin_prior(self) -> Any | None:
         if isinstance(self.prior, str):
-            if self.prior == "gmm":
-                return GMMPrior(modality=self.modality)
-            if self.prior == "mumford-shah":
-                return MumfordShahPrior(modality=self.modality)
+            from .priors import BUILTIN_PRIORS, make_prior
+
+            if self.prior in BUILTIN_PRIORS:
+                return make_prior(self.prior, modality=self.modality)
             raise InvalidPriorError(
-                f"unknown built-in prior {self.prior!r}; use 'gmm', 'mumford-shah', a prior "
-                "object, or one prior map per volume"
+                f"unknown built-in prior {self.prior!r}; use one of {', '.join(BUILTIN_PRIORS)}, "
+                "a prior object, or one prior map per volume"
             )
         if hasattr(self.prior, "compute"):
             return self.prior
@@ -260,6 +281,9 @@ class Refiner(BaseEstimator):
             raise ConfigError(f"config must be a RefinerConfig, got {type(config).__name__}")
         if self.modality not in ("mri", "ct"):
             raise ConfigError(f"modality must be 'mri' or 'ct', got {self.modality!r}")
+        from .device import check_seed
+
+        check_seed(self.random_state, "random_state")
         return config.validate()
 
     def fit(
@@ -328,11 +352,11 @@ class Refiner(BaseEstimator):
         if cache is not None and context.enabled:
             # Each rank builds its share of the missing entries; then every rank reads them all.
             for index in range(context.rank, len(items), context.world_size):
-                self._prepare_one(index, *items[index], builtin, cache)
+                self._prepare_one(index, *items[index], builtin, cache, config)
             barrier(context)
         subjects: list[PreparedSubject] = []
         for index, item in enumerate(items):
-            subject = self._prepare_one(index, *item, builtin, cache)
+            subject = self._prepare_one(index, *item, builtin, cache, config)
             if subjects and subject.image.shape[0] != subjects[0].image.shape[0]:
                 raise InvalidImageError(
                     "all volumes must have the same number of channels, got "
@@ -352,17 +376,31 @@ class Refiner(BaseEstimator):
         total_bytes = sum(s.nbytes() for s in subjects)
         if device.type == "cuda" and total_bytes < 4 * 2**30:
             subjects = [s.to(device) for s in subjects]
-        crop = effective_crop_size(config.crop_size, [s.image.shape[1:] for s in subjects], config.downsample_factor)
-        seed_everything(self.random_state)
-        network = build_network(config, n_channels).to(device)
-        # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
-        # the layout cuDNN prefers for bf16 on CUDA.
-        network = network.to(memory_format=torch.channels_last_3d)
-        sampler_seed = rank_seed(self.random_state, context.rank) if context.enabled else self.random_state
-        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=sampler_seed)
-        start_iteration, optimizer_state = 0, None
+        spacing = tuple(float(v) for v in np.median([s.info.get("spacing", (1.0, 1.0, 1.0)) for s in subjects], axis=0))
+        n_down = len(config.channels) - 1
+        strides = [list(level) for level in anisotropic_strides(spacing, n_down)] if config.anisotropic else None
         if resume_from is not None:
             state = _read_checkpoint(resume_from)
+            strides = state.get("strides", None)
+        shapes = [s.image.shape[1:] for s in subjects]
+        network = build_network(config, n_channels, strides=strides)
+        factors = network.downsample_factors
+        crop = effective_crop_size(crop_in_voxels(config.crop_size, spacing), shapes, factors)
+        augmentation = IntensityAugmentation() if config.intensity_augmentation else None
+        sampler_seed = rank_seed(self.random_state, context.rank) if context.enabled else self.random_state
+
+        def fresh_network() -> Any:
+            seed_everything(self.random_state)
+            # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
+            # the layout cuDNN prefers for bf16 on CUDA.
+            return build_network(config, n_channels, strides=strides).to(device).to(
+                memory_format=torch.channels_last_3d)
+
+        network = fresh_network()
+        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=sampler_seed,
+                              augmentation=augmentation)
+        start_iteration, optimizer_state = 0, None
+        if resume_from is not None:
             _check_compatible(state, config, n_channels)
             network.load_state_dict(state["state_dict"])
             start_iteration = int(state.get("n_iter", 0))
@@ -375,7 +413,10 @@ class Refiner(BaseEstimator):
         self.device_ = device
         self.n_channels_in_ = n_channels
         self.crop_size_ = crop
-        self.window_size_ = self._window(config, crop, [s.image.shape[1:] for s in subjects])
+        self.strides_ = strides
+        self.spacing_ = spacing
+        self.target_cleanup_ = [s.info.get("cleanup") for s in subjects]
+        self.window_size_ = self._window(config, crop, shapes, spacing, factors)
         self.priors_ = [{"source": s.info.get("prior_source"), "params": s.info.get("prior_params", {})}
                         for s in subjects]
 
@@ -392,27 +433,50 @@ class Refiner(BaseEstimator):
                 len(subjects), crop, config.iterations, device,
                 f", {context.world_size} processes" if context.enabled else "",
             )
-        result = train_network(
-            network, sampler, config, device,
-            start_iteration=start_iteration, optimizer_state=optimizer_state,
-            callback=self.callback,
-            checkpoint=save_checkpoint if checkpoint_path is not None else None,
-            checkpoint_every=checkpoint_every,
-            context=context, seed=self.random_state,
-        )
+        self.rounds_ = []
+        history: list[dict[str, float]] = []
+        steps = samples = 0
+        loop_s = wait_s = 0.0
+        for round_index in range(1, config.rounds + 1):
+            if round_index > 1:
+                # Self-training: the next target is this round's cleaned, test-time-augmented
+                # prediction; the next student starts from fresh weights.
+                self.network_ = network
+                subjects, record = self._next_targets(subjects, config, round_index)
+                self.rounds_.append(record)
+                network = fresh_network()
+                sampler = CropSampler(subjects, crop, config.foreground_oversampling,
+                                      seed=sampler_seed + round_index - 1, augmentation=augmentation)
+                start_iteration, optimizer_state = 0, None
+            if context.is_main and config.rounds > 1:
+                logger.info("self-training round %d of %d", round_index, config.rounds)
+            result = train_network(
+                network, sampler, config, device,
+                start_iteration=start_iteration, optimizer_state=optimizer_state,
+                callback=self.callback,
+                checkpoint=save_checkpoint if checkpoint_path is not None else None,
+                checkpoint_every=checkpoint_every,
+                context=context, seed=self.random_state,
+            )
+            history += [dict(entry, round=float(round_index)) for entry in result.history]
+            steps += result.steps
+            samples += result.samples
+            loop_s += result.elapsed_s
+            wait_s += result.data_wait_s
         self.network_ = network
-        self.history_ = result.history
+        self.history_ = history
         self.n_iter_ = config.iterations
         self.timings_ = {
             "priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds,
-            "steps": result.steps, "samples": result.samples, "world_size": context.world_size,
-            "loop_s": result.elapsed_s, "data_wait_s": result.data_wait_s,
+            "steps": steps, "samples": samples, "world_size": context.world_size,
+            "loop_s": loop_s, "data_wait_s": wait_s,
         }
         self._optimizer_state = result.optimizer_state
         return self
 
     def _prepare_one(
-        self, index: int, volume_in: Any, mask_in: Any, prior_in: Any, builtin: Any, cache: Any
+        self, index: int, volume_in: Any, mask_in: Any, prior_in: Any, builtin: Any, cache: Any,
+        config: RefinerConfig,
     ) -> PreparedSubject:
         """Load, compute the prior of and preprocess subject ``index`` (through the cache)."""
         seed = self.random_state + index
@@ -435,10 +499,23 @@ class Refiner(BaseEstimator):
                     "None to derive one"
                 )
             prior = self._prior_of(volume, mask, builtin, prior_in)
+            cleanup_info = None
+            if config.cleanup != "none":
+                if mask is None:
+                    from .brain import derive_brain_mask
+
+                    mask = derive_brain_mask(volume.data[0] if self.modality == "ct" else volume.data,
+                                             modality=self.modality)
+                cleaned = clean_probability(prior.data, volume.spacing, CleanupSettings(pattern=config.cleanup),
+                                            brain_mask=mask, affine=volume.affine)
+                cleanup_info = cleaned.info
+                prior = type(prior)(cleaned.probability, prior.affine, prior.source, prior.params)
             subject = prepare_subject(volume, prior, mask, self.modality, seed=seed)
             subject.info.update(
                 prior_source=prior.source, prior_params=jsonable(prior.params, strict=True),
-                prior_problem=_prior_problem(subject),
+                prior_problem=_prior_problem(subject), cleanup=jsonable(cleanup_info),
+                spacing=[float(v) for v in volume.spacing],
+                affine=np.asarray(volume.affine, np.float64).tolist(),
             )
             return subject
 
@@ -446,7 +523,7 @@ class Refiner(BaseEstimator):
             return make()
         key = cache.key(
             _image_key(volume_in), _prior_key(builtin, prior_in), _mask_key(mask_in),
-            {"modality": self.modality, "seed": seed, "prior_kind": self.prior_kind},
+            {"modality": self.modality, "seed": seed, "prior_kind": self.prior_kind, "cleanup": config.cleanup},
         )
         return cache.get_or_create(key, make)
 
@@ -471,10 +548,78 @@ class Refiner(BaseEstimator):
         return prob
 
     @staticmethod
-    def _window(config: RefinerConfig, crop: tuple[int, int, int], shapes: list[Any]) -> tuple[int, int, int]:
+    def _window(config: RefinerConfig, crop: tuple[int, int, int], shapes: list[Any],
+                spacing: Sequence[float], factors: Sequence[int]) -> tuple[int, int, int]:
         if config.inference_window is None:
             return crop
-        return effective_crop_size(config.inference_window, shapes, config.downsample_factor)
+        return effective_crop_size(crop_in_voxels(config.inference_window, spacing), shapes, factors)
+
+    def _next_targets(
+        self, subjects: list[PreparedSubject], config: RefinerConfig, round_index: int
+    ) -> tuple[list[PreparedSubject], dict[str, Any]]:
+        """Round ``round_index``'s targets: each subject's cleaned, TTA-averaged prediction."""
+        updated, changed, agreement, consistency = [], [], [], []
+        for index, subject in enumerate(subjects):
+            probability, copies_agreement = self._predict_box(subject)
+            previous = np.asarray(subject.prior[0].cpu() if isinstance(subject.prior, torch.Tensor)
+                                  else subject.prior[0]) >= 0.5
+            if config.cleanup != "none":
+                cleaned = clean_probability(
+                    probability, subject.info.get("spacing", (1.0, 1.0, 1.0)),
+                    CleanupSettings(pattern=config.cleanup),
+                    brain_mask=np.asarray(subject.brain[0].cpu() if isinstance(subject.brain, torch.Tensor)
+                                          else subject.brain[0]),
+                    affine=subject.info.get("affine"),
+                ).probability
+            else:
+                cleaned = probability
+            new = cleaned >= 0.5
+            changed.append(int((new != previous).sum()))
+            agreement.append(_dice(new, previous))
+            consistency.append(copies_agreement)
+            target = torch.from_numpy(np.ascontiguousarray(cleaned, dtype=np.float32))[None]
+            if isinstance(subject.image, torch.Tensor):
+                target = target.to(subject.image.device)
+            updated.append(with_target(subject, target, seed=self.random_state + index))
+        record = {"round": round_index, "voxels_changed": changed, "dice_with_previous_target": agreement,
+                  "tta_agreement": consistency}
+        logger.info("round %d targets: %s voxels changed, Dice with the previous target %s, TTA agreement %s",
+                    round_index, changed, [round(a, 3) for a in agreement], [round(c, 3) for c in consistency])
+        return updated, record
+
+    def _predict_box(self, subject: PreparedSubject, progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[np.ndarray, float]:
+        """TTA-averaged probability inside the subject's box, and the agreement of the copies.
+
+        The agreement is the mean Dice between each flipped copy's mask and the averaged mask
+        (1: every copy says the same; a label-free measure of how stable the output is).
+        """
+        network = self.network_
+        network.eval()
+        image = subject.image if isinstance(subject.image, torch.Tensor) else torch.from_numpy(
+            np.asarray(subject.image[(slice(None),)]))
+        inputs = image[None].to(self.device_).contiguous(memory_format=torch.channels_last_3d)
+        autocast = torch.bfloat16 if (self.device_.type == "cuda" and self.config_.amp) else None
+        flip_sets = tta_flips(getattr(self.config_, "tta", 1))
+        total, copies = None, []
+        for flips in flip_sets:
+            dims = [axis + 2 for axis in flips]
+            flipped = inputs.flip(dims) if dims else inputs
+            logits = sliding_window_predict(
+                flipped, network, self.window_size_, overlap=self.config_.overlap,
+                sw_batch_size=self.config_.sw_batch_size, mode="gaussian",
+                sw_device=self.device_, device=torch.device("cpu"), progress=progress,
+                autocast_dtype=autocast,
+            )
+            prob = torch.sigmoid(logits.float())
+            prob = (prob.flip(dims) if dims else prob)[0, 0].numpy()
+            copies.append(prob >= self.config_.threshold)
+            total = prob if total is None else total + prob
+        brain = np.asarray(subject.brain[0].cpu() if isinstance(subject.brain, torch.Tensor) else subject.brain[0])
+        mean = np.where(brain, total / len(flip_sets), 0.0).astype(np.float32)
+        averaged = mean >= self.config_.threshold
+        agreement = float(np.mean([_dice(c & brain, averaged) for c in copies]))
+        return mean, agreement
 
     def fit_predict(self, volumes: Any, y: None = None, *, brain_masks: Sequence[Any] | None = None) -> list[np.ndarray]:
         """Fit on ``volumes`` and return the refined mask of each."""
@@ -516,18 +661,8 @@ class Refiner(BaseEstimator):
                 f"{loaded.n_channels}; pass the same modalities, in the same order"
             )
         subject = prepare_subject(loaded, None, _load_mask(brain_mask, loaded), self.modality)
-        network = self.network_
-        network.eval()
-        inputs = subject.image[None].to(self.device_).contiguous(memory_format=torch.channels_last_3d)
-        autocast = torch.bfloat16 if (self.device_.type == "cuda" and self.config_.amp) else None
-        logits = sliding_window_predict(
-            inputs, network, self.window_size_, overlap=self.config_.overlap,
-            sw_batch_size=self.config_.sw_batch_size, mode="gaussian",
-            sw_device=self.device_, device=torch.device("cpu"), progress=progress,
-            autocast_dtype=autocast,
-        )
-        box_prob = torch.sigmoid(logits[0, 0].float()).numpy()
-        box_prob = np.where(subject.brain[0].cpu().numpy(), box_prob, 0.0)
+        box_prob, agreement = self._predict_box(subject, progress)
+        self.tta_agreement_ = agreement
         probability = np.zeros(subject.shape, dtype=np.float32)
         probability[subject.bbox] = box_prob
         return probability
@@ -547,8 +682,10 @@ class Refiner(BaseEstimator):
         """
         check_is_fitted(self, "network_")
         loaded = _load(volume)
-        probability = self.predict_proba(loaded, brain_mask, progress=progress)
-        return self.postprocess(probability, loaded.spacing, threshold=threshold, min_size_mm3=min_size_mm3)
+        mask_array = _load_mask(brain_mask, loaded)
+        probability = self.predict_proba(loaded, mask_array, progress=progress)
+        return self.postprocess(probability, loaded.spacing, threshold=threshold, min_size_mm3=min_size_mm3,
+                                affine=loaded.affine, brain_mask=mask_array)
 
     def postprocess(
         self,
@@ -557,17 +694,59 @@ class Refiner(BaseEstimator):
         *,
         threshold: float | None = None,
         min_size_mm3: float | None = None,
+        affine: np.ndarray | None = None,
+        brain_mask: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Threshold a probability map and drop components smaller than ``min_size_mm3``."""
+        """Threshold a probability map, clean it up, drop components under ``min_size_mm3``.
+
+        The clean-up (``config.cleanup_output``, pattern ``config.cleanup``) is the one applied
+        to the training targets (:func:`cgc_refine.cleanup.clean_probability`); ``affine``
+        and ``brain_mask`` feed its ``"auto"`` pattern decision. Its facts are kept in
+        ``cleanup_info_``.
+        """
         check_is_fitted(self, "network_")
         level = self.config_.threshold if threshold is None else float(threshold)
         if not 0.0 < level < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
         min_size = self.config_.min_size_mm3 if min_size_mm3 is None else float(min_size_mm3)
         mask = (probability >= level).astype(np.uint8)
+        self.cleanup_info_ = None
+        if getattr(self.config_, "cleanup_output", False) and self.config_.cleanup != "none":
+            cleaned = clean_probability(mask.astype(np.float32), spacing, CleanupSettings(pattern=self.config_.cleanup),
+                                        brain_mask=brain_mask, affine=affine)
+            mask, self.cleanup_info_ = cleaned.mask, cleaned.info
         if min_size > 0:
             mask = remove_small_components(mask, min_size, spacing)
         return mask
+
+    def guard(self, refined: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, str | None]:
+        """The label-free collapse guard of ``config.fallback``.
+
+        Parameters
+        ----------
+        refined : numpy.ndarray
+            The refined mask of a subject.
+        reference : numpy.ndarray
+            What it was refined from (the cleaned prior's mask).
+
+        Returns
+        -------
+        mask : numpy.ndarray
+            ``refined``, or ``reference`` (uint8) when the refined volume is under a third or
+            over three times the reference's: a change that large is a collapse or an
+            explosion of training, not a refinement of a prior that was informative.
+        warning : str or None
+            What happened, when the guard acted or would have (``fallback=False``).
+        """
+        check_is_fitted(self, "network_")
+        message = collapse_warning(int(np.count_nonzero(reference)), int(np.count_nonzero(refined)))
+        if message is None:
+            return refined, None
+        if getattr(self.config_, "fallback", False):
+            logger.warning("%s; falling back to the cleaned prior", message)
+            return (np.asarray(reference) != 0).astype(np.uint8), message + "; fell back to the cleaned prior"
+        logger.warning("%s", message)
+        return refined, message
 
     # ------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -596,6 +775,8 @@ class Refiner(BaseEstimator):
             "config": self.config_.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.network_.state_dict().items()},
             "n_channels_in": int(self.n_channels_in_),
+            "strides": getattr(self, "strides_", None),
+            "spacing": list(getattr(self, "spacing_", (1.0, 1.0, 1.0))),
             "crop_size": list(self.crop_size_),
             "window_size": list(self.window_size_),
             "modality": self.modality,
@@ -606,7 +787,8 @@ class Refiner(BaseEstimator):
             "optimizer_state": optimizer_state,
             "sampler_state": jsonable(sampler_state),
         }
-        atomic_write(target, lambda handle: torch.save(state, handle), overwrite=overwrite, binary=True)
+        atomic_write(target, lambda handle: torch.save(state, handle), overwrite=overwrite, binary=True,
+                     what="model", error=CheckpointError)
         return target
 
     @classmethod
@@ -624,7 +806,7 @@ class Refiner(BaseEstimator):
             config = RefinerConfig.from_dict(state["config"])
             refiner = cls(prior=None, config=config, modality=state["modality"], device=device,
                           random_state=int(state["random_state"]))
-            network = build_network(config, int(state["n_channels_in"]))
+            network = build_network(config, int(state["n_channels_in"]), strides=state.get("strides"))
             network.load_state_dict(state["state_dict"])
         except (KeyError, TypeError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{path} is not a usable cgc_refine model ({error}); retrain or re-save it") from None
@@ -632,6 +814,8 @@ class Refiner(BaseEstimator):
         refiner.config_ = config
         refiner.device_ = resolved
         refiner.n_channels_in_ = int(state["n_channels_in"])
+        refiner.strides_ = state.get("strides")
+        refiner.spacing_ = tuple(state.get("spacing", (1.0, 1.0, 1.0)))
         refiner.crop_size_ = tuple(state["crop_size"])
         refiner.window_size_ = tuple(state.get("window_size", state["crop_size"]))
         refiner.n_iter_ = int(state["n_iter"])
@@ -665,8 +849,40 @@ def _check_compatible(state: dict[str, Any], config: RefinerConfig, n_channels: 
     architecture = ("channels", "norm", "use_coarse", "use_fine", "patch_size", "proj_dim")
     if any(getattr(saved, name) != getattr(config, name) for name in architecture):
         raise CheckpointError("the checkpoint's network settings differ from this configuration; resume with the same config")
+    if state.get("strides") is not None and config.anisotropic is False:
+        raise CheckpointError("the checkpoint's network is anisotropic; resume with anisotropic=True")
     if int(state["n_channels_in"]) != n_channels:
         raise CheckpointError(
             f"the checkpoint was trained on {state['n_channels_in']} channel(s), the data have {n_channels}"
         )
 
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def tta_flips(copies: int) -> list[tuple[int, ...]]:
+    """The axis flips of ``copies`` test-time-augmented passes (1, 2, 4 or 8).
+
+    2 adds the flip of the first axis (left-right in RAS/LPS scans, the brain's mirror
+    axis), 4 the flips of the first two axes, 8 every combination of the three.
+    """
+    axes = {1: (), 2: (0,), 4: (0, 1), 8: (0, 1, 2)}[int(copies)]
+    sets: list[tuple[int, ...]] = [()]
+    for axis in axes:
+        sets += [flips + (axis,) for flips in sets]
+    return sets
+
+
+def collapse_warning(prior_voxels: int, refined_voxels: int, factor: float = 3.0) -> str | None:
+    """A warning when the refined volume is under ``1/factor`` or over ``factor`` times the prior's."""
+    if prior_voxels == 0:
+        return None
+    ratio = refined_voxels / prior_voxels
+    if ratio < 1.0 / factor or ratio > factor:
+        return (f"the refined mask holds {refined_voxels} voxels, {ratio:.2f} times the prior's {prior_voxels}: "
+                "training did not refine this prior")
+    return None

@@ -26,6 +26,7 @@ import torch
 from .config import RefinerConfig
 from .distributed import DistributedContext, rank_seed
 from .model import CGCLoss, CGCUNet
+from .augment import IntensityAugmentation
 from .priors.base import ProbabilityMap, prepare_prior_input
 
 __all__ = [
@@ -38,7 +39,37 @@ __all__ = [
     "build_network",
     "train_network",
     "training_step",
+    "target_weights",
+    "crop_in_voxels",
+    "with_target",
+    "TARGET_WEIGHTINGS",
 ]
+
+#: Per-voxel weightings of the BCE term against the pseudo-label (:func:`target_weights`).
+TARGET_WEIGHTINGS = ("none", "confidence")
+
+
+def target_weights(prior: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-voxel weights of the BCE term from the pseudo-label's own confidence.
+
+    ``"confidence"``: ``w = |2p - 1|``. A soft prior says how sure it is: a voxel at
+    ``p = 0.5`` carries no information about its class (weight 0, it is ignored), one at 0 or
+    1 counts fully, and the weight grows linearly in between. This is the classic
+    noisy-label remedy of trusting a pseudo-label in proportion to its margin, without a
+    hand-set ignore band; a hard (0/1) pseudo-label gets weight 1 everywhere, i.e. plain BCE.
+    ``"none"``: no weights (plain eq. 1).
+
+    Returns
+    -------
+    torch.Tensor or None
+        Weights shaped like ``prior`` (None for ``"none"``).
+    """
+    if weighting == "none":
+        return None
+    if weighting == "confidence":
+        return (2.0 * prior.float() - 1.0).abs()
+    raise ValueError(f"target weighting must be one of {TARGET_WEIGHTINGS}, got {weighting!r}")
+
 
 logger = logging.getLogger(__name__)
 
@@ -168,20 +199,40 @@ def prepare_subject(
 
 
 def effective_crop_size(
-    crop_size: Sequence[int], shapes: Sequence[Sequence[int]], factor: int
+    crop_size: Sequence[int], shapes: Sequence[Sequence[int]], factor: int | Sequence[int]
 ) -> tuple[int, int, int]:
     """The training crop: the configured size, no larger than the biggest subject needs.
 
-    Along each axis: ``min(crop, largest extent rounded up to a multiple of factor)``, then
-    rounded down to a multiple of ``factor`` (at least ``factor``). Smaller subjects are
-    zero-padded to it by the sampler.
+    Along each axis ``a`` with factor ``f_a``: ``min(crop, largest extent rounded up to a
+    multiple of f_a)``, then rounded down to a multiple of ``f_a`` (at least ``f_a``). Smaller
+    subjects are zero-padded to it by the sampler.
+
+    Parameters
+    ----------
+    crop_size : sequence of 3 int
+        Configured crop (or sliding window) size.
+    shapes : sequence of sequence of int
+        Spatial shapes of the subjects.
+    factor : int or sequence of 3 int
+        The network's down-sampling factor: one int for every axis (the isotropic network,
+        ``2 ** n_down``) or one per axis (``CGCUNet.downsample_factors``, e.g. ``(8, 8, 1)``
+        for thick-slice data whose slice axis is not pooled).
+
+    Returns
+    -------
+    tuple of 3 int
+        The crop, a multiple of the factor along each axis.
     """
+    from .model.geometry import as_factor_triple
+
+    factors = as_factor_triple(factor)
     crop = []
     for axis in range(3):
+        f = factors[axis]
         largest = max(int(s[axis]) for s in shapes)
-        needed = int(math.ceil(largest / factor) * factor)
+        needed = int(math.ceil(largest / f) * f)
         size = min(int(crop_size[axis]), needed)
-        crop.append(max(factor, (size // factor) * factor))
+        crop.append(max(f, (size // f) * f))
     return tuple(crop)  # type: ignore[return-value]
 
 
@@ -191,6 +242,28 @@ def _take(array: Any, box: tuple[slice, ...]) -> torch.Tensor:
     if isinstance(crop, np.ndarray):
         return torch.from_numpy(np.array(crop, order="C"))
     return crop
+
+
+def crop_in_voxels(size_mm: Sequence[int], spacing: Sequence[float]) -> tuple[int, int, int]:
+    """A crop or window given in millimetres (1 mm voxels) as voxels on a grid of ``spacing``.
+
+    ``RefinerConfig.crop_size`` and ``inference_window`` are written for 1 mm voxels (the
+    paper's 192x192x64 on BraTS); on 0.47x0.47x8 mm clinical FLAIR the same field of view is
+    about 408x408x8 voxels. Rounded to whole voxels, at least 1 (callers then round to the
+    network's per-axis factors with :func:`effective_crop_size`).
+    """
+    return tuple(max(1, int(round(float(k) / float(s)))) for k, s in zip(size_mm, spacing))  # type: ignore[return-value]
+
+
+def with_target(subject: PreparedSubject, target: torch.Tensor, *, seed: int = 0,
+                max_foreground: int = 200_000) -> PreparedSubject:
+    """The subject with a new (1, x, y, z) training target inside its box; foreground recomputed."""
+    foreground = np.argwhere(np.asarray(target[0].cpu()) >= 0.5)
+    if len(foreground) > max_foreground:
+        rng = np.random.default_rng(seed)
+        foreground = foreground[rng.choice(len(foreground), max_foreground, replace=False)]
+    return PreparedSubject(subject.image, target, subject.brain, subject.bbox, subject.shape, foreground,
+                           dict(subject.info))
 
 
 class CropSampler:
@@ -207,6 +280,10 @@ class CropSampler:
     seed : int
         Seed of the sampler's generator (the only randomness of a step besides dropout-free
         network maths).
+    augmentation : IntensityAugmentation, optional
+        Per-channel intensity changes of the image (never of the target or the mask), drawn
+        from a second generator seeded from ``seed``, so switching it on or off leaves the
+        crops and flips unchanged; None leaves intensities as they are.
     """
 
     def __init__(
@@ -215,11 +292,14 @@ class CropSampler:
         crop_size: tuple[int, int, int],
         foreground_oversampling: float = 0.5,
         seed: int = 0,
+        augmentation: IntensityAugmentation | None = None,
     ) -> None:
         self.subjects = list(subjects)
         self.crop_size = crop_size
         self.foreground_oversampling = foreground_oversampling
+        self.augmentation = augmentation
         self.rng = np.random.default_rng(seed)
+        self.augmentation_rng = np.random.default_rng([seed, 1])
 
     def _crop(self, subject: PreparedSubject) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = subject.image.shape[1:]
@@ -246,6 +326,8 @@ class CropSampler:
         flips = [axis + 1 for axis in range(3) if self.rng.random() < 0.5]
         if flips:
             image, prior, brain = (t.flip(flips) for t in (image, prior, brain))
+        if self.augmentation is not None:
+            image = self.augmentation(image, brain, self.augmentation_rng)
         return image, prior, brain
 
     def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,12 +336,16 @@ class CropSampler:
         return tuple(torch.stack(parts) for parts in zip(*crops))  # type: ignore[return-value]
 
     def state(self) -> dict[str, Any]:
-        """Generator state, for checkpoints."""
-        return self.rng.bit_generator.state
+        """Generator states (crops, and augmentation under ``"augmentation"``), for checkpoints."""
+        return {**self.rng.bit_generator.state, "augmentation": self.augmentation_rng.bit_generator.state}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore a generator state from :meth:`state`."""
+        """Restore the generator states from :meth:`state`."""
+        state = dict(state)
+        augmentation = state.pop("augmentation", None)
         self.rng.bit_generator.state = state
+        if augmentation is not None:
+            self.augmentation_rng.bit_generator.state = augmentation
 
 
 class CropStream(torch.utils.data.IterableDataset):
@@ -293,6 +379,7 @@ class CropStream(torch.utils.data.IterableDataset):
         foreground_oversampling: float = 0.5,
         seed: int = 0,
         rank: int = 0,
+        augmentation: IntensityAugmentation | None = None,
     ) -> None:
         super().__init__()
         self.subjects = list(subjects)
@@ -301,18 +388,40 @@ class CropStream(torch.utils.data.IterableDataset):
         self.foreground_oversampling = foreground_oversampling
         self.seed = seed
         self.rank = rank
+        self.augmentation = augmentation
 
     def __iter__(self) -> Any:
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id + 1
         sampler = CropSampler(self.subjects, self.crop_size, self.foreground_oversampling,
-                              seed=rank_seed(self.seed, self.rank, worker))
+                              seed=rank_seed(self.seed, self.rank, worker), augmentation=self.augmentation)
         while True:
             yield sampler.batch(self.batch_size)
 
 
-def build_network(config: RefinerConfig, in_channels: int) -> CGCUNet:
-    """The CGC U-Net a configuration describes."""
+def build_network(
+    config: RefinerConfig,
+    in_channels: int,
+    strides: Sequence[Sequence[int]] | None = None,
+) -> CGCUNet:
+    """The CGC U-Net a configuration describes.
+
+    Parameters
+    ----------
+    config : RefinerConfig
+        Widths, CGC paths, mini-patch size, projection size and normalisation.
+    in_channels : int
+        Number of image channels.
+    strides : sequence of sequence of 3 int, optional
+        Per-level ``(sx, sy, sz)`` strides of the backbone, e.g.
+        ``anisotropic_strides(spacing, len(config.channels) - 1)`` or the ``network.strides``
+        stored in a checkpoint. None (default) halves every axis at every level.
+
+    Returns
+    -------
+    CGCUNet
+        The untrained network.
+    """
     return CGCUNet(
         in_channels,
         channels=config.channels,
@@ -321,6 +430,7 @@ def build_network(config: RefinerConfig, in_channels: int) -> CGCUNet:
         patch_size=config.patch_size,
         proj_dim=config.proj_dim,
         norm=config.norm,
+        strides=strides,
     )
 
 
@@ -409,7 +519,8 @@ def _batches(
         while True:
             yield sampler.batch(config.batch_size)
     stream = CropStream(sampler.subjects, sampler.crop_size, config.batch_size,
-                        sampler.foreground_oversampling, seed=seed, rank=context.rank)
+                        sampler.foreground_oversampling, seed=seed, rank=context.rank,
+                        augmentation=sampler.augmentation)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=4, persistent_workers=False,
@@ -504,7 +615,8 @@ def train_network(
             tick = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - tick
-            parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp)
+            parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp,
+                                  weighting=config.target_weighting)
             steps += 1
             values = {key: float(value) for key, value in parts.items()}
             for key in window:
@@ -541,6 +653,8 @@ def training_step(
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     device: torch.device,
     amp: bool,
+    *,
+    weighting: str = "none",
 ) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch (image, prior, brain mask); returns the loss parts.
 
@@ -548,13 +662,15 @@ def training_step(
     (the network's ``forward_train``, possibly wrapped by DDP or ``torch.compile``); a bare
     :class:`CGCUNet` is used through its ``forward_train``. Inputs go to ``device`` in
     channels-last layout; the forward pass runs under bf16 autocast on CUDA when ``amp`` is
-    set (the losses compute in float32 regardless).
+    set (the losses compute in float32 regardless). ``weighting`` selects the per-voxel
+    weights of the BCE term (:func:`target_weights`).
     """
     image, prior, brain = (t.to(device, non_blocking=True) for t in batch)
     image = image.contiguous(memory_format=torch.channels_last_3d)
     with _autocast(device, amp):
         output = model.forward_train(image) if isinstance(model, CGCUNet) else model(image)
-    total, parts = loss_fn(output, prior, brain)
+    weight = target_weights(prior, weighting)
+    total, parts = loss_fn(output, prior, brain, weight)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()

@@ -821,3 +821,179 @@ def test_volume_change_warning_thresholds(prior: int, refined: int, warns: bool)
     assert (message is not None) == warns
     if warns:
         assert f"{refined} lesion voxels" in message and f"{prior}" in message
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13: seeds, image as prior, model files, warnings, overwrite wording, threads, writes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def keep_torch_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70), "4294967296", "abc"])
+def test_bad_seed_is_one_line_exit_2(subject: dict[str, Path], seed: str) -> None:
+    single = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"],
+                 *TRAIN[:-2], "--seed", seed)
+    assert_one_line_error(single, "--seed")
+    cohort = _cohort(subject["out"].parent / "cohort")
+    fit = run("fit", "--cohort", cohort, "--image-pattern", "flair.nii.gz", "-o",
+              subject["out"] / "m.pt", *TRAIN[:-2], "--seed", seed)
+    assert_one_line_error(fit, "--seed")
+    demo = run("demo", "--iterations", "1", "--seed", seed)
+    assert_one_line_error(demo, "--seed")
+    assert listing(subject["out"]) == []
+
+
+def test_largest_seed_is_accepted(subject: dict[str, Path], keep_torch_threads: None) -> None:
+    result = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"], "-q",
+                 *TRAIN[:-2], "--seed", str(2**32 - 1))
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((subject["out"] / SIDECAR_NAME).read_text())["seed"] == 2**32 - 1
+
+
+@pytest.mark.parametrize("how", ["same-path", "other-spelling", "symlink", "copy"])
+def test_image_as_its_own_prior_is_refused(subject: dict[str, Path], how: str) -> None:
+    image = subject["image"]
+    prior = {
+        "same-path": image,
+        "other-spelling": image.parent / "." / image.name,
+        "symlink": image.parent / "link.nii.gz",
+        "copy": image.parent / "copy.nii.gz",
+    }[how]
+    if how == "symlink":
+        prior.symlink_to(image)
+    if how == "copy":
+        shutil.copy(image, prior)
+    result = run("--prior", prior, "--image", image, "-o", subject["out"], *TRAIN)
+    assert_one_line_error(result, "is the image")
+    assert "--prior gmm" in error_lines(result)[0]
+    assert listing(subject["out"]) == []
+
+
+def test_missing_image_fails_before_the_cpu_warning(subject: dict[str, Path]) -> None:
+    # Without --fast on the CPU the command warns that training is slow; a missing image must
+    # be the only line.
+    result = run("--prior", "gmm", "--image", subject["image"].parent / "nope.nii.gz",
+                 "-o", subject["out"], "--device", "cpu")
+    assert_one_line_error(result, "does not exist")
+    assert "slow" not in result.stderr
+
+
+def test_model_folder_is_called_a_folder(subject: dict[str, Path]) -> None:
+    folder = subject["image"].parent / "models"
+    folder.mkdir()
+    result = run("predict", "--model", folder, "--image", subject["image"], "-o", subject["out"])
+    assert_one_line_error(result, "is a folder")
+    assert "does not exist" not in result.stderr
+
+
+def test_foreign_model_gives_one_line_without_torch_warning(subject: dict[str, Path]) -> None:
+    import pickle
+
+    foreign = subject["image"].parent / "foreign.pkl"
+    foreign.write_bytes(pickle.dumps({"state_dict": 1}, protocol=4))  # torch warns on protocol 4
+    with pytest.warns(UserWarning):  # guards the case itself: torch does warn on this file
+        with pytest.raises(Exception):
+            torch.load(foreign, weights_only=True)
+    result = run("predict", "--model", foreign, "--image", subject["image"], "-o", subject["out"])
+    assert_one_line_error(result, "cannot be read as a cgc_refine model")
+    assert "UserWarning" not in result.stderr and "pickle protocol" not in result.stderr
+
+
+def test_overwrite_message_names_the_cli_flag(subject: dict[str, Path]) -> None:
+    (subject["out"] / MASK_NAME).write_bytes(b"keep me")
+    result = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"], *TRAIN)
+    assert_one_line_error(result, "add --overwrite")
+    assert "overwrite=True" not in result.stderr
+    sidecar = subject["out"] / "other.json"
+    sidecar.write_text("{}")
+    cohort = _cohort(subject["out"].parent / "cohort")
+    fit = run("fit", "--cohort", cohort, "--image-pattern", "flair.nii.gz", "-o",
+              subject["out"] / "other.pt", *TRAIN)
+    assert_one_line_error(fit, "add --overwrite")
+    assert "overwrite=True" not in fit.stderr
+
+
+def test_threads_recorded_in_sidecar(subject: dict[str, Path], keep_torch_threads: None) -> None:
+    result = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"], "-q",
+                 "--threads", "1", *TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((subject["out"] / SIDECAR_NAME).read_text())["threads"] == 1
+    assert torch.get_num_threads() == 1
+    bad = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"], "--threads", "0",
+              *TRAIN)
+    assert_one_line_error(bad, "--threads")
+
+
+def test_threads_option_on_every_compute_command() -> None:
+    for command in ([], ["fit"], ["predict"], ["demo"], ["prior", "gmm"]):
+        result = CliRunner().invoke(cli.main, [*command, "--help"])
+        assert result.exit_code == 0 and "--threads" in result.output, command
+
+
+def test_default_threads_in_predict_and_demo_sidecars(
+    trained_model: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    keep_torch_threads: None,
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run("predict", "--model", trained_model["model"], "--image", trained_model["image"],
+                 "-o", tmp_path / "p.nii.gz", "-q", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "p.json").read_text())["threads"] == 1
+    demo = run("demo", "--iterations", "1", "--shape", "32", "32", "16", *CROP, "--device", "cpu",
+               "-o", tmp_path / "demo", "-q", "--threads", "1")
+    assert demo.exit_code == 0, demo.stderr
+    demo_sidecar = tmp_path / "demo" / "phantom_FLAIR_label-lesion_mask.json"
+    assert json.loads(demo_sidecar.read_text())["threads"] == 1
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"),
+    OSError(28, "No space left on device"),
+])
+def test_model_write_failure_is_one_line_exit_2(
+    subject: dict[str, Path], monkeypatch: pytest.MonkeyPatch, failure: BaseException,
+    keep_torch_threads: None,
+) -> None:
+    def failing_save(obj, handle, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        handle.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    model = subject["out"] / "model.pt"
+    result = run("--prior", "gmm", "--image", subject["image"], "-o", subject["out"],
+                 "--save-model", model, "-q", *TRAIN)
+    assert_one_line_error(result, "writing model")
+    assert listing(subject["out"]) == []  # no mask, sidecar or temporary file either
+    cohort = _cohort(subject["out"].parent / "cohort")
+    fit = run("fit", "--cohort", cohort, "--image-pattern", "flair.nii.gz", "-o", model,
+              "--checkpoint-every", "1", "-q", *TRAIN)
+    assert_one_line_error(fit, "writing model")
+    assert listing(subject["out"]) == []
+
+
+def test_checkpoint_write_over_file_size_limit_is_exit_2(tmp_path: Path) -> None:
+    """A real EFBIG (ulimit -f) while fit writes its model: exit 2, one line, nothing left."""
+    import resource
+
+    exe = _console_script()
+    files = write_subject(tmp_path / "in", las_affine())
+    out = tmp_path / "out"
+    out.mkdir()
+    csv_path = tmp_path / "subjects.csv"
+    csv_path.write_text(f"subject,image\ns1,{files['image']}\n")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the model is ~2.4 MB
+
+    done = subprocess.run([exe, "fit", "--csv", str(csv_path), "-o", str(out / "m.pt"), "-q", *TRAIN],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("cgc-refine: error: writing model"), lines
+    assert listing(out) == []

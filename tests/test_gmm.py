@@ -481,12 +481,14 @@ def test_gmm_prior_get_params_as_given() -> None:
     kwargs = dict(
         n_components=3, n_foreground=2, channels="all", bright_channel=1, modality="ct",
         n_bins=256, max_iter=50, tol=1e-4, bic_candidates=(2, 3), random_state=7,
+        foreground_rule="brightest", max_lesion_weight=0.5, min_separation=1.0,
     )
     prior = GMMPrior(**kwargs)
     assert prior.get_params() == kwargs
     assert GMMPrior().get_params() == dict(
         n_components=4, n_foreground=1, channels="bright", bright_channel=0, modality="mri",
         n_bins=1024, max_iter=100, tol=1e-3, bic_candidates=(2, 3, 4, 5, 6), random_state=0,
+        foreground_rule="plausible", max_lesion_weight=0.25, min_separation=2.0,
     )
     # invalid values are stored as given; they are refused only by compute()
     assert GMMPrior(n_components=1).get_params()["n_components"] == 1

@@ -382,3 +382,70 @@ def test_network_on_cuda_stitched_on_cpu() -> None:
     )
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05)
+
+
+# --------------------------------------------------------------------------- per-axis factors
+
+
+@pytest.mark.parametrize(
+    ("crop", "shapes", "factor", "expected"),
+    [
+        # int factor: the historical behaviour
+        ((64, 64, 64), [(50, 70, 13)], 8, (56, 64, 16)),
+        ((64, 64, 64), [(50, 70, 13)], (8, 8, 8), (56, 64, 16)),
+        # thick slices, the slice axis is never pooled: 13 slices stay 13, not 16
+        ((64, 64, 64), [(50, 70, 13)], (8, 8, 1), (56, 64, 13)),
+        ((128, 128, 16), [(200, 230, 48), (180, 180, 40)], (8, 8, 1), (128, 128, 16)),
+        # mixed factors: rounded down to 4 on z, at least one multiple
+        ((64, 64, 10), [(100, 100, 100)], (8, 8, 4), (64, 64, 8)),
+        ((64, 64, 2), [(100, 100, 100)], (8, 8, 4), (64, 64, 4)),
+    ],
+)
+def test_effective_crop_size_accepts_int_or_per_axis_factor(crop, shapes, factor, expected) -> None:
+    from cgc_refine.training import effective_crop_size
+
+    assert effective_crop_size(crop, shapes, factor) == expected
+
+
+@pytest.mark.parametrize("factor", [0, (8, 8), (8, 0, 1), "8"])
+def test_effective_crop_size_rejects_bad_factor(factor) -> None:
+    from cgc_refine.training import effective_crop_size
+
+    with pytest.raises(ValueError, match="factor"):
+        effective_crop_size((64, 64, 64), [(64, 64, 64)], factor)
+
+
+def test_multiple_of_checks_the_window_per_axis() -> None:
+    x = torch.rand(1, 1, 20, 20, 7)
+    # (16, 16, 5) is a valid window of a (8, 8, 1) network ...
+    y = sliding_window_predict(x, identity, (16, 16, 5), multiple_of=(8, 8, 1))
+    torch.testing.assert_close(y, x)
+    # ... but not of an isotropic one: the error names the factors and a usable size
+    with pytest.raises(ValueError, match=r"\(8, 8, 8\).*\(16, 16, 8\)"):
+        sliding_window_predict(x, identity, (16, 16, 5), multiple_of=8)
+    with pytest.raises(ValueError, match=r"\(8, 8, 1\)"):
+        sliding_window_predict(x, identity, (12, 16, 5), multiple_of=(8, 8, 1))
+    with pytest.raises(ValueError, match="multiple_of"):
+        sliding_window_predict(x, identity, (16, 16, 5), multiple_of=(8, 8))
+
+
+def test_thick_slice_network_through_sliding_window() -> None:
+    from cgc_refine.model import CGCUNet, anisotropic_strides
+    from cgc_refine.training import effective_crop_size
+
+    torch.manual_seed(0)
+    strides = anisotropic_strides((0.47, 0.47, 8.0), 2)
+    net = CGCUNet(1, channels=(4, 8, 16), proj_dim=8, strides=strides).eval()
+    volume = torch.randn(1, 1, 40, 36, 7, generator=torch.Generator().manual_seed(1))
+    roi = effective_crop_size((32, 32, 64), [volume.shape[2:]], net.downsample_factors)
+    assert roi == (32, 32, 7)  # every slice in one window: no slice padding needed
+    out = sliding_window_predict(
+        volume, net, roi, overlap=0.5, multiple_of=net.downsample_factors
+    )
+    assert out.shape == (1, 1, 40, 36, 7)
+    assert torch.isfinite(out).all()
+    # windows start at x in {0, 8}, y in {0, 4}: the corner x < 8, y < 4 is seen by the first
+    # window only, so there the blend is that window's own output
+    with torch.no_grad():
+        first = net(volume[..., :32, :32, :])
+    torch.testing.assert_close(out[..., :8, :4, :], first[..., :8, :4, :])

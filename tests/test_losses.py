@@ -407,3 +407,34 @@ def test_cgc_loss_requires_patch_size_with_embeddings():
 def test_cgc_loss_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         CGCLoss(**kwargs)
+
+
+# --------------------------------------------------------------------------- anisotropic network
+
+
+def test_cgc_loss_pools_prior_with_the_per_axis_factors_of_a_thick_slice_network():
+    # strides ((2,2,1), (2,2,1)): factors (4, 4, 1), so a bottleneck voxel is a 4 x 4 x 1 block
+    torch.manual_seed(0)
+    net = CGCUNet(1, channels=(4, 8, 16), patch_size=(1, 1, 2), proj_dim=8,
+                  strides=[(2, 2, 1), (2, 2, 1)])
+    assert net.downsample_factors == (4, 4, 1)
+    prior = torch.zeros(1, 1, 8, 8, 3)
+    prior[0, 0, 0:4, 0:4, 0] = 1.0  # bottleneck voxel (0, 0, 0): 16/16
+    prior[0, 0, 4:8, 4:6, 1] = 1.0  # bottleneck voxel (1, 1, 1): 8/16
+    prior[0, 0, 0, 4, 2] = 1.0  # bottleneck voxel (0, 1, 2): 1/16
+    out = net.forward_train(torch.randn(1, 1, 8, 8, 3))
+    assert out.bottleneck_size == (2, 2, 3)
+    target = torch.zeros(1, 1, 2, 2, 3)
+    target[0, 0, 0, 0, 0] = 1.0
+    target[0, 0, 1, 1, 1] = 0.5
+    target[0, 0, 0, 1, 2] = 1 / 16
+    torch.testing.assert_close(downsample_to(prior, out.bottleneck_size), target)
+    # the coarse term is L^cg_bce against exactly that target (an isotropic factor of 4 would
+    # not even divide the 3 slices)
+    _, parts = CGCLoss()(out, prior)
+    expected = masked_bce_with_logits(out.coarse_logits, target)
+    assert parts["coarse"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # mini-patches of 1 x 1 x 2 bottleneck voxels (remainder slice dropped), C order:
+    # (0,0,z0-1) mean 0.5 -> lesion; (1,1,z0-1) mean 0.25; the others lower
+    labels = patch_lesion_labels(target, out.patch_size)
+    assert labels.tolist() == [[True, False, False, False]]

@@ -517,4 +517,75 @@ def test_public_names() -> None:
         "assd",
         "auprc",
         "evaluate",
+        "HD95_METHODS",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# HD95: the two definitions (issue 13, item 12)
+# --------------------------------------------------------------------------------------------
+
+
+def _line_masks() -> tuple[np.ndarray, np.ndarray]:
+    """Two one-voxel-thick masks on a 1 x 1 x 21 line (every voxel is surface).
+
+    truth T: voxels z = 0..9; pred P: voxels z = 0 and z = 20.
+    P -> T: z=0 -> 0, z=20 -> 11 (nearest truth voxel z=9): d_PT = [0, 11].
+    T -> P: z=k -> min(k, 20 - k) = k for k = 0..9:       d_TP = [0, 1, ..., 9].
+    """
+    pred = np.zeros((1, 1, 21), dtype=bool)
+    pred[0, 0, [0, 20]] = True
+    truth = np.zeros((1, 1, 21), dtype=bool)
+    truth[0, 0, :10] = True
+    return pred, truth
+
+
+def test_hd95_max_directed_by_hand() -> None:
+    # P95(d_PT = [0, 11]): position 0.95 * 1 = 0.95 -> 0 + 0.95 * 11 = 10.45.
+    # P95(d_TP = [0..9]):  position 0.95 * 9 = 8.55 -> 8 + 0.55 * 1 = 8.55.
+    # max_directed = max(10.45, 8.55) = 10.45; with 2 mm along z every distance doubles: 20.9.
+    pred, truth = _line_masks()
+    assert hd95(pred, truth) == pytest.approx(10.45, abs=1e-12)
+    assert hd95(pred, truth, method="max_directed") == pytest.approx(10.45, abs=1e-12)
+    assert hd95(pred, truth, (1, 1, 2)) == pytest.approx(20.9, abs=1e-12)
+    assert hd95(truth, pred) == pytest.approx(10.45, abs=1e-12)  # symmetric
+
+
+def test_hd95_pooled_by_hand() -> None:
+    # Pooled (MedPy): sorted union [0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11], 12 values;
+    # position 0.95 * 11 = 10.45 -> value[10] + 0.45 * (value[11] - value[10])
+    # = 9 + 0.45 * 2 = 9.9; with 2 mm along z: 19.8.
+    pred, truth = _line_masks()
+    assert hd95(pred, truth, method="pooled") == pytest.approx(9.9, abs=1e-12)
+    assert hd95(pred, truth, (1, 1, 2), method="pooled") == pytest.approx(19.8, abs=1e-12)
+    assert hd95(truth, pred, method="pooled") == pytest.approx(9.9, abs=1e-12)
+
+
+def test_hd95_methods_differ_when_one_surface_is_much_larger() -> None:
+    # truth: one voxel z=0; pred: 40 voxels z = 0..39 (1 x 1 x 40 line).
+    # d_PT = [0, 1, ..., 39]; d_TP = [0].
+    # max_directed: P95([0..39]) = 0.95 * 39 = 37.05.
+    # pooled: union [0, 0, 1, ..., 39] (41 values), position 0.95 * 40 = 38 -> value[38] = 37.
+    pred = np.ones((1, 1, 40), dtype=bool)
+    truth = np.zeros((1, 1, 40), dtype=bool)
+    truth[0, 0, 0] = True
+    assert hd95(pred, truth) == pytest.approx(37.05, abs=1e-12)
+    assert hd95(pred, truth, method="pooled") == pytest.approx(37.0, abs=1e-12)
+
+
+def test_hd95_method_in_evaluate_and_empty_policy() -> None:
+    pred, truth = _line_masks()
+    assert evaluate(pred, truth)["hd95"] == pytest.approx(10.45, abs=1e-12)
+    assert evaluate(pred, truth, hd95_method="pooled")["hd95"] == pytest.approx(9.9, abs=1e-12)
+    empty = np.zeros_like(pred)
+    for method in ("max_directed", "pooled"):
+        assert hd95(empty, empty, method=method) == 0.0
+        assert hd95(pred, empty, method=method) == math.inf
+
+
+def test_hd95_unknown_method() -> None:
+    pred, truth = _line_masks()
+    with pytest.raises(ValueError, match="max_directed"):
+        hd95(pred, truth, method="medpy")
+    with pytest.raises(ValueError, match="pooled"):
+        evaluate(pred, truth, hd95_method="mean")

@@ -143,7 +143,8 @@ def test_fit_returns_self_with_fitted_attributes(phantom):
     refiner = Refiner("gmm", config=TINY, device="cpu")
     assert refiner.fit([phantom.volume], brain_masks=[phantom.brain]) is refiner
     assert refiner.n_channels_in_ == 1 and refiner.n_iter_ == TINY.iterations
-    assert refiner.crop_size_ == (32, 32, 16)
+    # crop_size is in mm (1 mm voxels): 32x32x16 mm on 1x1x2 mm voxels is 32x32x8 voxels
+    assert refiner.crop_size_ == (32, 32, 8)
     assert len(refiner.history_) == TINY.iterations
     assert {"total", "bce", "coarse", "fine"} <= set(refiner.history_[0])
     assert refiner.priors_[0]["source"] == "gmm"
@@ -220,7 +221,9 @@ def test_refined_mask_beats_a_noisy_prior():
     phantom = make_phantom((48, 48, 24), spacing=(1.0, 1.0, 2.0), n_lesions=3, seed=2)
     prior = noisy_prior(phantom.truth, phantom.brain, flip_fraction=0.25, blur=0.5, seed=0)
     prior_dice = dice(prior >= 0.5, phantom.truth)
-    config = dataclasses.replace(TINY, iterations=60, log_every=20)
+    # The network alone (no clean-up, no augmentation): what BCE learns from a noisy label.
+    config = dataclasses.replace(TINY, iterations=60, log_every=20, cleanup="none", intensity_augmentation=False,
+                                 target_weighting="none", anisotropic=False, tta=1, crop_size=(32, 32, 32))
     refiner = Refiner([prior], prior_kind="probability", config=config, device="cpu", random_state=0)
     refined = refiner.fit([phantom.volume], brain_masks=[phantom.brain]).predict(phantom.volume, phantom.brain)
     refined_dice = dice(refined, phantom.truth)

@@ -12,6 +12,7 @@ whatever the data: the blocks trace cleanly under :func:`torch.compile` and run 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from numbers import Integral
 
 import torch
@@ -46,6 +47,23 @@ def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value.lower()
+
+
+def _check_stride(value: object) -> int | tuple[int, int, int]:
+    """Validate a convolution stride: one positive int, or 3 positive ints (one per axis).
+
+    An int is returned unchanged (so an isotropic block builds exactly the layers it always
+    did); a sequence is returned as a tuple of 3 Python ints.
+    """
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return _check_positive_int(value, "stride")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise ValueError(
+            f"stride must be a positive integer or 3 positive integers (one per spatial axis), "
+            f"got {value!r}."
+        )
+    s = tuple(_check_positive_int(v, f"stride[{i}]") for i, v in enumerate(value))
+    return (s[0], s[1], s[2])
 
 
 def _num_groups(channels: int) -> int:
@@ -118,7 +136,9 @@ class ResidualBlock3D(nn.Module):
     ``y = act(norm2(conv2(act(norm1(conv1(x))))) + shortcut(x))`` where ``conv1`` has stride
     ``stride`` (a strided block is how the backbone down-samples) and the shortcut is the
     identity when input and output shapes agree, otherwise a projection (1x1x1 convolution with
-    the same stride followed by normalisation).
+    the same stride followed by normalisation). The stride may differ per axis, e.g.
+    ``(2, 2, 1)`` halves the in-plane axes and keeps the slices of thick-slice data (see
+    :func:`cgc_refine.model.geometry.anisotropic_strides`).
 
     Parameters
     ----------
@@ -126,9 +146,9 @@ class ResidualBlock3D(nn.Module):
         Number of input channels.
     out_ch : int
         Number of output channels.
-    stride : int, optional
+    stride : int or sequence of 3 int, optional
         Stride of the first 3x3x3 convolution and of the projected shortcut; ``2`` halves every
-        (even) spatial dimension. Default 1.
+        (even) spatial dimension, ``(2, 2, 1)`` only the first two. Default 1.
     norm : {"instance", "group", "batch"}, optional
         Normalisation layer, see :func:`make_norm`. Default ``"instance"``.
     act : {"leakyrelu", "relu"}, optional
@@ -137,7 +157,7 @@ class ResidualBlock3D(nn.Module):
     Raises
     ------
     ValueError
-        If a channel count or the stride is not a positive integer, or ``norm``/``act`` is
+        If a channel count or a stride is not a positive integer, or ``norm``/``act`` is
         unknown.
 
     Examples
@@ -145,20 +165,22 @@ class ResidualBlock3D(nn.Module):
     >>> block = ResidualBlock3D(4, 8, stride=2)
     >>> block(torch.zeros(1, 4, 8, 8, 4)).shape
     torch.Size([1, 8, 4, 4, 2])
+    >>> ResidualBlock3D(4, 8, stride=(2, 2, 1))(torch.zeros(1, 4, 8, 8, 4)).shape
+    torch.Size([1, 8, 4, 4, 4])
     """
 
     def __init__(
         self,
         in_ch: int,
         out_ch: int,
-        stride: int = 1,
+        stride: int | Sequence[int] = 1,
         norm: str = "instance",
         act: str = "leakyrelu",
     ) -> None:
         super().__init__()
         in_ch = _check_positive_int(in_ch, "in_ch")
         out_ch = _check_positive_int(out_ch, "out_ch")
-        stride = _check_positive_int(stride, "stride")
+        stride = _check_stride(stride)
         norm = _check_choice(norm, "norm", NORM_TYPES)
         act = _check_choice(act, "act", ACT_TYPES)
         self.in_ch = in_ch
@@ -173,7 +195,8 @@ class ResidualBlock3D(nn.Module):
         self.norm2 = make_norm(norm, out_ch)
         self.act2 = make_act(act)
         self.shortcut: nn.Module
-        if stride != 1 or in_ch != out_ch:
+        strided = stride != 1 if isinstance(stride, int) else any(s != 1 for s in stride)
+        if strided or in_ch != out_ch:
             self.shortcut = nn.Sequential(
                 nn.Conv3d(in_ch, out_ch, 1, stride=stride, bias=False),
                 make_norm(norm, out_ch),
@@ -192,7 +215,8 @@ class ResidualBlock3D(nn.Module):
         Returns
         -------
         torch.Tensor
-            Output of shape ``(B, out_ch, ceil(X/stride), ceil(Y/stride), ceil(Z/stride))``.
+            Output of shape ``(B, out_ch, ceil(X/sx), ceil(Y/sy), ceil(Z/sz))`` with
+            ``(sx, sy, sz)`` the per-axis stride.
         """
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))

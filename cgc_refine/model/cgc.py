@@ -256,6 +256,12 @@ class FinePath(nn.Module):
     clipped to the bottleneck along that axis; if the bottleneck is not a multiple of the patch
     size the remainder is dropped (see :func:`clip_patch_size`).
 
+    The patch size is counted in bottleneck voxels, whose physical size depends on the
+    backbone's strides: with anisotropic strides (thick slices) a bottleneck voxel covers
+    ``downsample_factors`` input voxels per axis, e.g. 8x8x1; to ask for a physical size use
+    :func:`~cgc_refine.model.geometry.voxels_from_mm` with
+    :func:`~cgc_refine.model.geometry.bottleneck_spacing`.
+
     Parameters
     ----------
     ch : int

@@ -61,7 +61,10 @@ def _fp32_region(device: torch.device) -> AbstractContextManager[object]:
 
 
 def masked_bce_with_logits(
-    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary cross-entropy with soft targets, averaged over the voxels of a mask (eq. 1).
 
@@ -80,6 +83,10 @@ def masked_bce_with_logits(
     mask : torch.Tensor, optional
         Voxels to average over, same shape as ``logits``; boolean, or numeric with non-zero
         meaning "inside". None averages over all voxels.
+    weight : torch.Tensor, optional
+        Non-negative per-voxel weights ``w_j`` (same shape): the loss becomes the weighted mean
+        ``sum_j w_j l_j / sum_j w_j`` over the mask -- how a noisy pseudo-label's confident
+        voxels count more than its uncertain ones (see :func:`cgc_refine.training.target_weights`).
 
     Returns
     -------
@@ -99,13 +106,19 @@ def masked_bce_with_logits(
     loss = F.binary_cross_entropy_with_logits(
         logits.float(), target.float(), reduction="none"
     )
-    if mask is None:
+    if mask is None and weight is None:
         return loss.mean()
-    if mask.shape != logits.shape:
+    if mask is not None and mask.shape != logits.shape:
         raise ValueError(
             f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}."
         )
-    weights = (mask != 0).float()
+    if weight is not None and weight.shape != logits.shape:
+        raise ValueError(
+            f"weight shape {tuple(weight.shape)} differs from logits shape {tuple(logits.shape)}."
+        )
+    weights = torch.ones_like(loss) if mask is None else (mask != 0).float()
+    if weight is not None:
+        weights = weights * weight.float()
     return (loss * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -115,7 +128,11 @@ def downsample_to(prior: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     This is the "down-sampled foreground probability map" of section 3.3.1: the target of the
     coarse loss ``L^cg_bce`` and, through :func:`~cgc_refine.model.cgc.patch_lesion_labels`, the
     source of the mini-patch labels. Each output voxel is the mean of the block of input voxels
-    it covers (``avg_pool3d`` with kernel = stride = the per-axis down-sampling factor).
+    it covers (``avg_pool3d`` with kernel = stride = the per-axis down-sampling factor). The
+    factors are derived per axis from the two sizes, so the pooling follows the network's
+    geometry: ``(8, 8, 8)`` for the paper's 3 isotropic down-samplings, ``(8, 8, 1)`` for a
+    thick-slice network whose slice axis is never pooled
+    (:func:`~cgc_refine.model.geometry.anisotropic_strides`).
 
     Parameters
     ----------
@@ -374,6 +391,7 @@ class CGCLoss(nn.Module):
         output: CGCOutput,
         prior: torch.Tensor,
         brain_mask: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the overall loss.
 
@@ -385,6 +403,9 @@ class CGCLoss(nn.Module):
             Foreground probability ``(B, 1, X, Y, Z)`` in [0, 1], on the grid of the logits.
         brain_mask : torch.Tensor, optional
             Boolean (or 0/1) brain mask ``(B, 1, X, Y, Z)``; None uses every voxel.
+        weight : torch.Tensor, optional
+            Per-voxel weights of the full-resolution BCE term ``(B, 1, X, Y, Z)`` (the
+            pseudo-label's confidence); the coarse and fine paths are unweighted.
 
         Returns
         -------
@@ -412,7 +433,8 @@ class CGCLoss(nn.Module):
                 f"{tuple(logits.shape)}."
             )
         prior = prior.detach()
-        bce = masked_bce_with_logits(logits, prior, brain_mask)
+        bce = masked_bce_with_logits(logits, prior, brain_mask,
+                                     None if weight is None else weight.detach())
         zero = torch.zeros((), dtype=torch.float32, device=logits.device)
         coarse, fine = zero, zero
 

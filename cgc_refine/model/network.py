@@ -71,6 +71,13 @@ class CGCUNet(nn.Module):
         Normalisation layer of every block. Default ``"instance"``.
     act : {"leakyrelu", "relu"}, optional
         Activation of every block. Default ``"leakyrelu"``.
+    strides : sequence of sequence of 3 int, optional
+        Per-level ``(sx, sy, sz)`` strides of the backbone (see
+        :class:`~.unet.ResidualUNet3D`), e.g. from
+        :func:`~cgc_refine.model.geometry.anisotropic_strides` for thick-slice data. None
+        (default) halves every axis at every level, the paper's layout. ``patch_size`` stays in
+        bottleneck voxels whatever the strides, and the losses pool the prior to the bottleneck
+        with the per-axis factors (:func:`~.losses.downsample_to`).
 
     Attributes
     ----------
@@ -78,8 +85,13 @@ class CGCUNet(nn.Module):
         The U-Net (encoder ``E^c`` and decoder ``D``).
     cgc : CGCModule
         The module at the bottleneck.
+    strides : list of list of int
+        The backbone's per-level strides (plain lists, for a checkpoint).
+    downsample_factors : tuple of 3 int
+        Per-axis down-sampling factor; input spatial sizes must be multiples of it per axis.
     downsample_factor : int
-        ``2 ** n_down``; input spatial sizes must be multiples of it.
+        ``2 ** n_down`` for the default strides; in general the largest per-axis factor (a
+        size that is a multiple of it on every axis is always accepted).
 
     Notes
     -----
@@ -105,10 +117,11 @@ class CGCUNet(nn.Module):
         proj_dim: int = 128,
         norm: str = "instance",
         act: str = "leakyrelu",
+        strides: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = ResidualUNet3D(
-            in_channels, out_channels=1, channels=channels, norm=norm, act=act
+            in_channels, out_channels=1, channels=channels, norm=norm, act=act, strides=strides
         )
         self.cgc = CGCModule(
             self.backbone.bottleneck_channels,
@@ -121,6 +134,8 @@ class CGCUNet(nn.Module):
         )
         self.in_channels = self.backbone.in_channels
         self.downsample_factor = self.backbone.downsample_factor
+        self.downsample_factors = self.backbone.downsample_factors
+        self.strides = self.backbone.strides
         self.use_coarse = use_coarse
         self.use_fine = use_fine
 
@@ -133,7 +148,7 @@ class CGCUNet(nn.Module):
         ----------
         x : torch.Tensor
             Image ``(B, in_channels, X, Y, Z)``, spatial sizes multiples of
-            :attr:`downsample_factor`.
+            :attr:`downsample_factors` (per axis).
 
         Returns
         -------

@@ -408,28 +408,80 @@ class FilePrior:
         kinds, nearest for masks and labels; outside the prior's field of view: 0 for
         probabilities, masks and labels, the minimum for logits and scores). Without it, a
         grid mismatch is an error.
+    on_image_grid : bool
+        Take a prior whose array has the image's shape but whose affine differs (a header
+        lost when a detector saved its output, e.g. an identity affine) as being on the
+        image's voxel grid: voxel (i, j, k) of the prior is voxel (i, j, k) of the image and
+        the prior's affine is ignored (recorded in ``params["file"]``). Without it, that
+        case is an error that names this option; shapes that differ are always an error
+        here (use ``resample`` for priors truly on another grid).
     """
 
-    def __init__(self, path: str | os.PathLike[str], kind: str = "auto", resample: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], kind: str = "auto", resample: bool = False,
+        on_image_grid: bool = False,
+    ) -> None:
         self.path = path
         self.kind = kind
         self.resample = resample
+        self.on_image_grid = on_image_grid
 
     def get_params(self) -> dict[str, Any]:
         """Constructor parameters, as given."""
-        return {"path": self.path, "kind": self.kind, "resample": self.resample}
+        return {"path": self.path, "kind": self.kind, "resample": self.resample,
+                "on_image_grid": self.on_image_grid}
 
     def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
         """The prior on ``volume``'s grid; ``params`` records the file and any resampling."""
         from ..exceptions import CGCRefineError
         from ..io import check_same_grid, load_array
 
+        from ..exceptions import SpaceMismatchError
+
         path = os.fspath(self.path)
-        record = {"path": os.path.abspath(path), "kind_requested": self.kind, "resampled": False}
-        if not self.resample:
+        record: dict[str, Any] = {"path": os.path.abspath(path), "kind_requested": self.kind,
+                                  "resampled": False, "on_image_grid": False}
+        data, affine = load_array(path, name="prior")
+        same_shape = tuple(data.shape) == tuple(volume.shape)
+        try:
+            check_same_grid(volume.shape, volume.affine, data.shape, affine)
+            grid_problem = None
+        except CGCRefineError as error:
+            grid_problem = error
+        if self.on_image_grid and not same_shape:
+            raise SpaceMismatchError(
+                f"the prior '{path}' has shape {tuple(data.shape)} but the image has shape "
+                f"{tuple(volume.shape)}, so it cannot be on the image's voxel grid; drop "
+                "on_image_grid (--prior-on-image-grid) and resample it (--resample-prior)"
+            )
+        if grid_problem is not None and same_shape and self.on_image_grid:
+            logger.warning(
+                "prior '%s': its affine differs from the image's but its shape matches; taken as "
+                "on the image's voxel grid as asked (its own affine is ignored)", path,
+            )
+            record.update(on_image_grid=True, prior_affine=np.asarray(affine).tolist())
+            result = as_probability_map(data, volume.affine, kind=self.kind, brain_mask=brain_mask,
+                                        spacing=volume.spacing)
+        elif grid_problem is not None and same_shape and not self.resample:
+            raise SpaceMismatchError(
+                f"the prior '{path}' has the image's shape {tuple(data.shape)} but a different "
+                f"affine (entries differ by up to "
+                f"{float(np.abs(np.asarray(affine) - np.asarray(volume.affine)).max()):.4g}), so "
+                "its voxels cannot be matched to the image's without a decision. If its voxels "
+                "are on the image's grid and only its "
+                "header is wrong (a detector that lost the affine when saving), pass "
+                "--prior-on-image-grid (API: FilePrior(..., on_image_grid=True)); if it truly "
+                "lies on another grid, pass --resample-prior"
+            )
+        elif not self.resample:
             result = as_probability_map(path, kind=self.kind, brain_mask=brain_mask, reference=volume)
         else:
-            data, affine = load_array(path, name="prior")
+            if grid_problem is not None and same_shape:
+                logger.warning(
+                    "prior '%s' has the image's shape but another affine; resampling it through "
+                    "its own affine as --resample-prior asks (if only its header is wrong, use "
+                    "--prior-on-image-grid instead)", path,
+                )
             try:
                 check_same_grid(volume.shape, volume.affine, data.shape, affine)
                 same = True
@@ -457,4 +509,5 @@ class FilePrior:
         return ProbabilityMap(result.data, result.affine, result.source, {**result.params, "file": record})
 
     def __repr__(self) -> str:
-        return f"FilePrior({os.fspath(self.path)!r}, kind={self.kind!r}, resample={self.resample})"
+        return (f"FilePrior({os.fspath(self.path)!r}, kind={self.kind!r}, resample={self.resample}, "
+                f"on_image_grid={self.on_image_grid})")

@@ -19,7 +19,9 @@ from ..exceptions import InvalidPriorError
 __all__ = ["ProbabilityMap", "PRIOR_KINDS", "PriorInput", "prepare_prior_input"]
 
 #: Source kinds a :class:`ProbabilityMap` may record.
-PRIOR_KINDS = ("probability", "mask", "labels", "logits", "scores", "gmm", "mumford-shah")
+PRIOR_KINDS = (
+    "probability", "mask", "labels", "logits", "scores", "gmm", "mumford-shah", "outlier",
+)
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,17 @@ class PriorInput:
         Voxel size in mm.
     affine : numpy.ndarray or None
         Voxel-to-world matrix.
+    standardisation : dict
+        How the MRI channels were standardised (``method``, per-channel ``centre`` and
+        ``scale`` in the input's units, and the bias-field record ``bias_field``), kept for
+        sidecars.
     """
 
     channels: np.ndarray
     brain_mask: np.ndarray
     spacing: tuple[float, float, float]
     affine: np.ndarray | None
+    standardisation: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_prior_input(
@@ -119,6 +126,9 @@ def prepare_prior_input(
     brain_mask: np.ndarray | None = None,
     modality: str = "mri",
     bright_channel: int = 0,
+    *,
+    standardise: str = "iqr",
+    bias_correction: bool = False,
 ) -> PriorInput:
     """Turn a volume (a :class:`cgc_refine.io.Volume` or an array) into a :class:`PriorInput`.
 
@@ -135,12 +145,22 @@ def prepare_prior_input(
         brain mask and is mapped through the brain window; other channels are standardised.
     bright_channel : int
         Index of the lesion-bright channel (the CT channel in CT mode).
+    standardise : {"iqr", "mode"}
+        MRI standardisation inside the brain (see :func:`cgc_refine.brain.robust_normalise`):
+        ``"iqr"`` (median and IQR / 1.349, the historical default used by the GMM and
+        Mumford-Shah priors and the network input) or ``"mode"`` (the normal-tissue histogram
+        peak and its lower half-width, which lesions do not contaminate; the outlier prior).
+    bias_correction : bool
+        Divide each MRI channel by its estimated smooth multiplicative bias field
+        (:func:`cgc_refine.brain.estimate_bias_field`) before standardising. Skipped, and
+        recorded as skipped, for a channel that is not strictly positive in the brain
+        (already standardised images). Ignored for the CT channel.
 
     Returns
     -------
     PriorInput
     """
-    from ..brain import ct_window, derive_brain_mask, robust_normalise
+    from ..brain import ct_window, derive_brain_mask, estimate_bias_field, robust_normalise
 
     if hasattr(volume, "data") and hasattr(volume, "affine"):
         data = np.asarray(volume.data, dtype=np.float32)
@@ -180,14 +200,34 @@ def prepare_prior_input(
             from ..exceptions import EmptyMaskError
 
             raise EmptyMaskError("the brain mask is empty; pass a mask that covers the brain")
-    if modality == "ct":
-        channels = np.zeros(data.shape, dtype=np.float32)
+    if standardise not in ("iqr", "mode"):
+        raise InvalidPriorError(f"standardise must be 'iqr' or 'mode', got {standardise!r}")
+    record: dict[str, Any] = {"method": standardise, "bias_correction": bool(bias_correction),
+                              "bias_field": [], "centre": [], "scale": []}
+    if bias_correction:
+        data = data.copy()
         for index in range(data.shape[0]):
-            if index == bright_channel:
-                channels[index] = ct_window(data[index])
-            else:
-                channels[index] = robust_normalise(data[index], mask)[0]
+            if modality == "ct" and index == bright_channel:
+                record["bias_field"].append({"applied": False, "reason": "CT channel"})
+                continue
+            field_map, info = estimate_bias_field(data[index], mask, spacing)  # type: ignore[arg-type]
+            if field_map is not None:
+                data[index] = np.where(mask, data[index] / field_map, data[index])
+            record["bias_field"].append(info)
+    channels = np.zeros(data.shape, dtype=np.float32)
+    for index in range(data.shape[0]):
+        if modality == "ct" and index == bright_channel:
+            channels[index] = ct_window(data[index])
+            record["centre"].append(None)
+            record["scale"].append(None)
+            continue
+        normalised, centre, scale = robust_normalise(
+            data[index], mask, method=standardise, return_params=True
+        )
+        channels[index] = normalised[0]
+        record["centre"].append(float(centre[0]))
+        record["scale"].append(float(scale[0]))
+    if modality == "ct":
         channels[:, ~mask] = 0.0
-    else:
-        channels = robust_normalise(data, mask)
-    return PriorInput(channels=channels, brain_mask=mask, spacing=spacing, affine=affine)  # type: ignore[arg-type]
+    return PriorInput(channels=channels, brain_mask=mask, spacing=spacing, affine=affine,  # type: ignore[arg-type]
+                      standardisation=jsonable(record))

@@ -328,6 +328,23 @@ class GMMPrior(BaseEstimator):
         lists both.
     random_state : int
         Seed of the voxel subsample for ``channels="all"``.
+    foreground_rule : {"plausible", "brightest"}
+        ``"brightest"``: the brightest ``n_foreground`` component(s) are the lesion, always
+        (the AUCseg rule, the only rule before issue 12). ``"plausible"`` (default): the
+        brightest component is accepted as a lesion class only when the fit says it is one
+        -- it holds at most ``max_lesion_weight`` of the brain and its mean lies at least
+        ``min_separation`` robust SD above the normal-tissue mode
+        (:func:`cgc_refine.brain.tissue_mode_scale`); otherwise the brightest class is
+        bright normal tissue or a bias-widened top of the histogram, and the prior falls
+        back to the outlier rule (:class:`~cgc_refine.priors.outlier.OutlierPrior` with its
+        defaults). The decision uses the fit only, never labels, and is recorded in
+        ``params["foreground_decision"]``. Only for ``channels="bright"``.
+    max_lesion_weight : float
+        See ``foreground_rule``; 0.25 -- a whole-tumour glioma fills up to ~20 % of the brain,
+        normal grey or white matter 35-50 %.
+    min_separation : float
+        See ``foreground_rule``; 2.0 robust SD: the class mean must lie outside the normal
+        tissue peak's central 95 %.
 
     Examples
     --------
@@ -349,6 +366,9 @@ class GMMPrior(BaseEstimator):
         tol: float = 1e-3,
         bic_candidates: tuple[int, ...] = (2, 3, 4, 5, 6),
         random_state: int = 0,
+        foreground_rule: str = "plausible",
+        max_lesion_weight: float = 0.25,
+        min_separation: float = 2.0,
     ) -> None:
         self.n_components = n_components
         self.n_foreground = n_foreground
@@ -360,6 +380,9 @@ class GMMPrior(BaseEstimator):
         self.tol = tol
         self.bic_candidates = bic_candidates
         self.random_state = random_state
+        self.foreground_rule = foreground_rule
+        self.max_lesion_weight = max_lesion_weight
+        self.min_separation = min_separation
 
     def _validate(self) -> None:
         from ..exceptions import InvalidPriorError
@@ -382,6 +405,12 @@ class GMMPrior(BaseEstimator):
             raise InvalidPriorError(f"n_bins must be at least 16, got {self.n_bins!r}")
         if int(self.max_iter) < 1 or float(self.tol) < 0:
             raise InvalidPriorError("max_iter must be >= 1 and tol >= 0")
+        if self.foreground_rule not in ("plausible", "brightest"):
+            raise InvalidPriorError(
+                f"foreground_rule must be 'plausible' or 'brightest', got {self.foreground_rule!r}"
+            )
+        if not 0 < float(self.max_lesion_weight) <= 1 or float(self.min_separation) < 0:
+            raise InvalidPriorError("max_lesion_weight must be in (0, 1] and min_separation >= 0")
 
     def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
         """Compute the prior for one subject.
@@ -414,9 +443,22 @@ class GMMPrior(BaseEstimator):
             else:
                 k = int(self.n_components)
             model = fit_histogram_gmm(centres, counts, k, **fit_kwargs)
-            posterior = model.posterior(values)
-            probability[mask] = posterior[:, k - n_fg :].sum(axis=1)
+            decision = self._decide_foreground(model, values)
+            if decision["fallback"]:
+                from .outlier import OutlierPrior
+
+                logger.warning(
+                    "GMM prior: the brightest component is not a plausible lesion class (%s); "
+                    "using the outlier rule instead", decision["reason"],
+                )
+                fallback = OutlierPrior(bright_channel=bright).compute(volume, mask)
+                probability = fallback.data.copy()
+                decision["fallback_params"] = fallback.params
+            else:
+                posterior = model.posterior(values)
+                probability[mask] = posterior[:, k - n_fg :].sum(axis=1)
             fitted = {
+                "foreground_decision": decision,
                 "K": k,
                 "means": model.means.tolist(),
                 "variances": model.variances.tolist(),
@@ -429,8 +471,33 @@ class GMMPrior(BaseEstimator):
             fitted = self._fit_multichannel(channels, mask, bright, n_fg, probability)
         if not model_converged(fitted):
             logger.warning("GMM prior: EM did not converge in %d iterations", self.max_iter)
-        params = {**self.get_params(), **fitted, "bic_candidates": list(self.bic_candidates)}
+        params = {**self.get_params(), **fitted, "bic_candidates": list(self.bic_candidates),
+                  "standardisation": prepared.standardisation}
         return ProbabilityMap(np.clip(probability, 0.0, 1.0), prepared.affine, "gmm", params)
+
+    def _decide_foreground(self, model: HistogramGMM, values: np.ndarray) -> dict[str, Any]:
+        """Whether the brightest component is a plausible lesion class (``foreground_rule``)."""
+        from ..brain import tissue_mode_scale
+
+        mode, scale = tissue_mode_scale(values)
+        weight = float(model.weights[-1])
+        separation = float((model.means[-1] - mode) / scale)
+        decision: dict[str, Any] = {
+            "rule": self.foreground_rule, "top_weight": weight, "top_separation_sd": separation,
+            "tissue_mode": float(mode), "tissue_scale": float(scale), "fallback": False,
+            "reason": "",
+        }
+        if self.foreground_rule != "plausible" or self.modality != "mri":
+            return decision
+        problems = []
+        if weight > float(self.max_lesion_weight):
+            problems.append(f"it holds {100 * weight:.0f}% of the brain > {100 * float(self.max_lesion_weight):.0f}%")
+        if separation < float(self.min_separation):
+            problems.append(f"its mean is {separation:.2f} robust SD above the tissue mode < "
+                            f"{float(self.min_separation):g}")
+        decision["fallback"] = bool(problems)
+        decision["reason"] = "; ".join(problems)
+        return decision
 
     def _fit_multichannel(
         self, channels: np.ndarray, mask: np.ndarray, bright: int, n_fg: int, out: np.ndarray

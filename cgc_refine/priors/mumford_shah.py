@@ -909,6 +909,10 @@ class MumfordShahPrior:
         Percentile of the bright channel above which voxels form one foreground seed.
     dark_floor_quantile : float or None, default 0.25
         Quantile of the bright channel at which it is floored (None: no floor).
+    bias_correction : bool, default False
+        Divide each MRI channel by its estimated smooth bias field before standardising
+        (:func:`cgc_refine.brain.estimate_bias_field`; skipped for images that are not
+        strictly positive); recorded in ``params["standardisation"]``.
 
     Examples
     --------
@@ -928,7 +932,9 @@ class MumfordShahPrior:
         tol: float = 1e-4,
         init_percentile: float = DEFAULT_INIT_PERCENTILE,
         dark_floor_quantile: float | None = DEFAULT_DARK_FLOOR_QUANTILE,
+        bias_correction: bool = False,
     ) -> None:
+        self.bias_correction = bias_correction
         self.length_weight = length_weight
         self.n_iter = n_iter
         self.bright_channel = bright_channel
@@ -951,6 +957,7 @@ class MumfordShahPrior:
             "tol": self.tol,
             "init_percentile": self.init_percentile,
             "dark_floor_quantile": self.dark_floor_quantile,
+            "bias_correction": self.bias_correction,
         }
 
     def __repr__(self) -> str:
@@ -1003,7 +1010,8 @@ class MumfordShahPrior:
                 "channel(s); pass the index of the channel in which lesions are bright"
             )
         prepared = prepare_prior_input(
-            volume, brain_mask, self.modality, bright_channel=int(self.bright_channel)
+            volume, brain_mask, self.modality, bright_channel=int(self.bright_channel),
+            bias_correction=bool(self.bias_correction),
         )
         channels = prepared.channels
         probability, info = mumford_shah_probability(
@@ -1024,6 +1032,7 @@ class MumfordShahPrior:
         params["n_iter_run"] = info["n_iter"]
         params["epsilon_used"] = info["epsilon"]
         params["device_used"] = info["device"]
+        params["standardisation"] = prepared.standardisation
         return ProbabilityMap(
             np.clip(probability, 0.0, 1.0), prepared.affine, "mumford-shah", params
         )
