@@ -139,12 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="device of the Mumford-Shah prior")
     parser.add_argument("--sources", nargs="+", default=list(GROUPS), help="source groups to run")
     parser.add_argument("--speed", action="store_true", help="also run the GMM speed test")
+    parser.add_argument("--speed-only", action="store_true", help="only the GMM speed test")
+    parser.add_argument("--skip-speed", action="store_true",
+                        help="accepted for older command lines (the speed test is off unless --speed)")
     parser.add_argument("--speed-iters", type=int, default=20, help="EM iterations for the speed test")
     parser.add_argument("--sklearn-baseline", action="store_true",
                         help="also score plain sklearn GaussianMixture(4), brightest component > 0.5")
     parser.add_argument("--json", type=Path, default=None, help="also write the per-case rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
+    if args.speed_only:
+        args.priors, args.speed = [], True
 
     cases = [(g, s) for g, s in real_cases(args.data) if g in args.sources]
     if not cases:
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             brain = derive_brain_mask(volume.data)
         row: dict[str, object] = {"source": group, "case": subject.name}  # type: ignore[attr-defined]
         named = [(name, make_prior(name, device=args.device)) for name in args.priors]
-        if "pred" in subject.extra:  # type: ignore[attr-defined]
+        if "pred" in subject.extra and not args.speed_only:  # type: ignore[attr-defined]
             named.append(("pred", FilePrior(subject.extra["pred"], on_image_grid=True)))  # type: ignore[attr-defined]
         for name, prior in named:
             tick = time.perf_counter()
@@ -196,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# priors benchmark, {date.today().isoformat()}, {platform.node()} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), "
           f"Mumford-Shah device {args.device}")
-    flags = " --speed" if args.speed else ""
+    flags = " --speed-only" if args.speed_only else (" --speed" if args.speed else "")
     flags += " --sklearn-baseline" if args.sklearn_baseline else ""
-    print(f"# command: python benchmarks/priors.py --device {args.device}{flags}")
+    speed_iters = f" --speed-iters {args.speed_iters}" if args.speed else ""
+    print(f"# command: python benchmarks/priors.py --device {args.device}{speed_iters}{flags}")
     print()
     names = [n for n in args.priors] + (["pred"] if any("pred_dice" in r for r in rows) else [])
-    print_quality(rows, names)
+    if names:
+        print_quality(rows, names)
     if args.speed:
         print_speed(rows, args.speed_iters)
     return 0

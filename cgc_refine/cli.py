@@ -532,10 +532,10 @@ def _make_prior(
     if prior in BUILTIN_PRIORS:
         if kind != "auto":
             logger.warning("--prior-kind %s is ignored for the built-in prior %s", kind, prior)
-        from .priors import AUTO_PRIOR
+        from .priors import resolve_prior_name
 
         pmap = _builtin_prior_object(prior, modality, device).compute(volume, brain)
-        return pmap, {"name": prior, "resolved_name": AUTO_PRIOR if prior == "auto" else prior,
+        return pmap, {"name": prior, "resolved_name": resolve_prior_name(prior, modality),
                       "kind_requested": None, "resampled": False}
     return _external_prior(prior, volume, brain, kind, resample, on_image_grid)
 
@@ -693,7 +693,7 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The label-free refinement recipe's settings (RefinerConfig.cleanup, rounds, tta)."""
-    from .cleanup import LESION_PATTERNS
+    from .config import LESION_PATTERNS
 
     func = click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
                         help="Flipped copies averaged at inference (default: 2 with --fast, else 8).")(func)
@@ -1191,11 +1191,12 @@ def prior_command(
     tick = time.perf_counter()
     pmap = _builtin_prior_object(name, modality, resolved).compute(volume, brain)
     prior_seconds = time.perf_counter() - tick
-    from .priors import AUTO_PRIOR, prior_diagnostics
+    from .priors import prior_diagnostics, resolve_prior_name
 
     # label-free diagnostics; their warnings cover an empty or implausibly large prior
     prior_diag = prior_diagnostics(pmap, brain, volume.spacing)
-    _say(quiet, f"prior {name}{f' ({AUTO_PRIOR})' if name == 'auto' else ''}: "
+    resolved_name = resolve_prior_name(name, modality)
+    _say(quiet, f"prior {name}{f' ({resolved_name})' if name == 'auto' else ''}: "
                 f"{_diagnostics_line(prior_diag)}")
     from .io import save_probability_map
 
@@ -1204,7 +1205,7 @@ def prior_command(
         "inputs": {"images": [_abs(p) for p in image_paths],
                    "brain_mask": _abs(brain_mask) if brain_mask else "derived"},
         "outputs": {"prior": _abs(out_path)},
-        "prior": {"name": name, "resolved_name": AUTO_PRIOR if name == "auto" else name,
+        "prior": {"name": name, "resolved_name": resolved_name,
                   "kind": pmap.source, "params": pmap.params,
                   "foreground_voxels": int((pmap.data[brain] >= 0.5).sum()),
                   "diagnostics": prior_diag},

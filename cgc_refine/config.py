@@ -8,7 +8,10 @@ from typing import Any
 
 from .exceptions import ConfigError
 
-__all__ = ["RefinerConfig", "ConfigError"]
+__all__ = ["RefinerConfig", "ConfigError", "LESION_PATTERNS"]
+
+#: Lesion patterns of the label-free clean-up (:mod:`cgc_refine.cleanup`); ``"none"`` is off.
+LESION_PATTERNS = ("auto", "focal", "multifocal", "none")
 
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
@@ -196,7 +199,6 @@ class RefinerConfig:
             raise ConfigError("foreground_oversampling must be in [0, 1]")
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
-        from .cleanup import LESION_PATTERNS
         from .training import TARGET_WEIGHTINGS
 
         if self.target_weighting not in TARGET_WEIGHTINGS:

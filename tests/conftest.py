@@ -17,3 +17,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_library_logger():
+    """Give every test the ``cgc_refine`` logger as it was (a CLI run sets its level)."""
+    import logging
+
+    logger = logging.getLogger("cgc_refine")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)

@@ -447,6 +447,7 @@ def test_write_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_spacing_in_mm_from_header_units(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cgc_refine")
     img = nib.Nifti1Image(_random(), np.diag([500.0, 500.0, 2000.0, 1.0]))
     img.header.set_xyzt_units("micron")
     nib.save(img, str(tmp_path / "micro.nii.gz"))

@@ -208,6 +208,9 @@ def test_registry_names_and_auto() -> None:
     assert {"gmm", "gmm-brightest", "mumford-shah", "mumford-shah-bias", "outlier"} <= set(BUILTIN_PRIORS)
     assert AUTO_PRIOR in BUILTIN_PRIORS and AUTO_PRIOR != "auto"
     assert type(make_prior("auto")) is type(make_prior(AUTO_PRIOR))
+    # the outlier prior models MRI only: for CT "auto" names the GMM on the brain window
+    assert isinstance(make_prior("auto", modality="ct"), GMMPrior)
+    assert make_prior("auto", modality="ct").modality == "ct"
     assert isinstance(make_prior("outlier", strictness=4.0, device="cpu"), OutlierPrior)
     assert make_prior("outlier", strictness=4.0).strictness == 4.0
     assert make_prior("gmm-brightest").foreground_rule == "brightest"
