@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, object] = {"source": group, "case": subject.name}  # type: ignore[attr-defined]
         named = [(name, make_prior(name, device=args.device)) for name in args.priors]
         if "pred" in subject.extra and not args.speed_only:  # type: ignore[attr-defined]
-            named.append(("pred", FilePrior(subject.extra["pred"], on_image_grid=True)))  # type: ignore[attr-defined]
+            pred = subject.extra["pred"]  # type: ignore[attr-defined]
+            named.append(("pred", FilePrior(pred, on_image_grid=True)))
         for name, prior in named:
             tick = time.perf_counter()
             prob = prior.compute(volume, brain)
@@ -249,7 +250,8 @@ def print_quality(rows: list[dict[str, object]], names: list[str]) -> None:
         for metric in ("dice", "sensitivity", "precision", "seconds"):
             cells = []
             for name in names:
-                values = [float(r[f"{name}_{metric}"]) for r in members if f"{name}_{metric}" in r]  # type: ignore[arg-type]
+                key = f"{name}_{metric}"
+                values = [float(r[key]) for r in members if key in r]  # type: ignore[arg-type]
                 cells.append(_mean_sd(values) if values else "")
                 if metric == "dice" and values:
                     source_means.setdefault(name, {})[group] = statistics.mean(values)

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels", type=int, default=2, help="modalities used (FLAIR first)")
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="also save each case's prior, cleaned prior and network probability (.npy)")
     parser.add_argument("--cleanup-only", action="store_true",
                         help="score the prior and the cleaned prior only (no network)")
     args = parser.parse_args(argv)
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         probability = refiner.predict_proba(volume, brain)
         refined = refiner.postprocess(probability, volume.spacing, affine=volume.affine, brain_mask=brain)
         guarded, _ = refiner.guard(refined, cleaned)
+        if args.save_dir is not None:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            for tag, array in (("prior", prior.data), ("cleaned", cleaning.probability), ("network", probability),
+                               ("truth", truth), ("brain", brain)):
+                np.save(args.save_dir / f"{case['name']}_{tag}.npy", array)
         total = time.perf_counter() - started
         row = [dice(prior.data >= 0.5, truth), dice(cleaned > 0, truth), dice(probability >= 0.5, truth),
                dice(refined > 0, truth), dice(guarded > 0, truth)]

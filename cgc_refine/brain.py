@@ -254,7 +254,9 @@ def tissue_mode_scale(values: np.ndarray, n_bins: int = 256) -> tuple[float, flo
     return mode, float(scale)
 
 
-def _block_mean(values: np.ndarray, weights: np.ndarray, factors: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _block_mean(
+    values: np.ndarray, weights: np.ndarray, factors: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted means and total weights of ``factors``-sized blocks (edges zero-padded)."""
     pads = [(0, (-n) % f) for n, f in zip(values.shape, factors)]
     v = np.pad(values * weights, pads)

@@ -37,6 +37,7 @@ from typing import Any
 import click
 
 from ._version import __version__
+from .config import LESION_PATTERNS
 from .exceptions import (
     CGCRefineError,
     EmptyMaskError,
@@ -693,7 +694,6 @@ def _training_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The label-free refinement recipe's settings (RefinerConfig.cleanup, rounds, tta)."""
-    from .config import LESION_PATTERNS
 
     func = click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
                         help="Flipped copies averaged at inference (default: 2 with --fast, else 8).")(func)
@@ -1165,6 +1165,9 @@ def _sub_logging(ctx: click.Context, quiet: bool, verbose: int) -> tuple[bool, i
 @click.option("--image", "images", multiple=True, required=True, metavar="IMG",
               help="Image file; repeat for several modalities, the lesion-bright one first.")
 @click.option("--brain-mask", default=None, metavar="MASK", help="Brain mask (default: derived).")
+@click.option("--cleanup", type=click.Choice(LESION_PATTERNS), default="none", show_default=True,
+              help="Also clean the prior up (closing, hole filling, component filtering) for this lesion "
+                   "pattern: focal, multifocal or auto (decided from the prior).")
 @_modality_option
 @_device_option
 @_common_options(output_help="Output prior file (.nii.gz) or folder "
@@ -1173,7 +1176,7 @@ def _sub_logging(ctx: click.Context, quiet: bool, verbose: int) -> tuple[bool, i
 def prior_command(
     ctx: click.Context, name: str, images: Sequence[str], brain_mask: str | None, modality: str,
     device: str, output: str | None, overwrite: bool, quiet: bool, verbose: int,
-    threads: int | None = None,
+    threads: int | None = None, cleanup: str = "none",
 ) -> None:
     """Compute a built-in prior (auto, gmm, outlier, mumford-shah...) and write it as a float32 map."""
     quiet, _ = _sub_logging(ctx, quiet, verbose)
@@ -1190,6 +1193,16 @@ def prior_command(
     brain = _brain_mask(brain_mask, volume, modality)
     tick = time.perf_counter()
     pmap = _builtin_prior_object(name, modality, resolved).compute(volume, brain)
+    cleanup_info = None
+    if cleanup != "none":
+        from .cleanup import CleanupSettings, clean_probability
+
+        cleaned = clean_probability(pmap.data, volume.spacing, CleanupSettings(pattern=cleanup),
+                                    brain_mask=brain, affine=volume.affine)
+        cleanup_info = cleaned.info
+        pmap = type(pmap)(cleaned.probability, pmap.affine, pmap.source, pmap.params)
+        _say(quiet, f"clean-up ({cleanup_info['pattern']}): {cleanup_info['voxels_before']} -> "
+                    f"{cleanup_info['voxels_after']} voxels")
     prior_seconds = time.perf_counter() - tick
     from .priors import prior_diagnostics, resolve_prior_name
 
@@ -1208,7 +1221,7 @@ def prior_command(
         "prior": {"name": name, "resolved_name": resolved_name,
                   "kind": pmap.source, "params": pmap.params,
                   "foreground_voxels": int((pmap.data[brain] >= 0.5).sum()),
-                  "diagnostics": prior_diag},
+                  "diagnostics": prior_diag, "cleanup": cleanup_info},
         "modality": modality,
         "device": str(resolved),
         "threads": n_threads,

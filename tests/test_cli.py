@@ -997,3 +997,38 @@ def test_checkpoint_write_over_file_size_limit_is_exit_2(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("cgc-refine: error: writing model"), lines
     assert listing(out) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the refinement recipe on the command line
+# --------------------------------------------------------------------------------------------
+
+
+def test_single_subject_records_the_recipe(subject: dict[str, Path]) -> None:
+    result = run("--prior", "gmm", "--image", subject["image"], "--cleanup", "multifocal", "--rounds", "2",
+                 "--tta", "2", *TRAIN)
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((subject["image"].parent / SIDECAR_NAME).read_text())
+    refinement = sidecar["refinement"]
+    assert refinement["recipe"]["cleanup"] == "multifocal" and refinement["recipe"]["rounds"] == 2
+    assert refinement["prior_cleanup"]["pattern"] == "multifocal"
+    assert refinement["output_cleanup"]["pattern"] == "multifocal"
+    assert len(refinement["rounds"]) == 1 and refinement["rounds"][0]["round"] == 2
+    assert 0.0 <= refinement["tta_agreement"] <= 1.0 and 0.0 <= refinement["dice_with_prior"] <= 1.0
+    assert sidecar["config"]["tta"] == 2
+
+
+def test_prior_command_cleanup(subject: dict[str, Path]) -> None:
+    target = subject["out"] / "prior.nii.gz"
+    result = run("prior", "gmm", "--image", subject["image"], "--brain-mask", subject["brain"],
+                 "--cleanup", "focal", "-o", target, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((subject["out"] / "prior.json").read_text())
+    assert sidecar["prior"]["cleanup"]["pattern"] == "focal"
+    values = np.asanyarray(nib.load(target).dataobj)
+    assert int((values >= 0.5).sum()) == sidecar["prior"]["cleanup"]["voxels_after"]
+
+
+def test_bad_cleanup_pattern_is_a_usage_error(subject: dict[str, Path]) -> None:
+    result = run("--prior", "gmm", "--image", subject["image"], "--cleanup", "tumour", *TRAIN)
+    assert result.exit_code == 2

@@ -227,3 +227,18 @@ def test_refiner_accepts_every_builtin_name() -> None:
         assert hasattr(Refiner(name)._builtin_prior(), "compute")
     with pytest.raises(InvalidPriorError, match="auto"):
         Refiner("nonsense")._builtin_prior()
+
+
+def test_outlier_prior_uses_the_bright_channel_of_several() -> None:
+    volume, brain, truth, _ = phantom()
+    flat = np.where(brain, 100.0, 0.0).astype(np.float32)  # a featureless second channel
+    stacked = Volume.from_array(np.stack([flat, volume.data[0]]), spacing=SPACING)
+    pmap = OutlierPrior(bright_channel=1).compute(stacked, brain)
+    assert dice(pmap.data >= 0.5, truth) > 0.85
+    # a bare array is read at 1 mm: use the phantom without a field (at 1 mm the ball is a
+    # 4 cm brain, too small for a 40 mm-smooth field to be told from anatomy)
+    unbiased, _, truth_plain, _ = phantom(with_field=False)
+    plain = OutlierPrior().compute(unbiased.data[0], brain)
+    assert dice(plain.data >= 0.5, truth_plain) > 0.85
+    with pytest.raises(InvalidPriorError, match="bright_channel"):
+        OutlierPrior(bright_channel=2).compute(stacked, brain)

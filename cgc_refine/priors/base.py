@@ -229,5 +229,7 @@ def prepare_prior_input(
         record["scale"].append(float(scale[0]))
     if modality == "ct":
         channels[:, ~mask] = 0.0
-    return PriorInput(channels=channels, brain_mask=mask, spacing=spacing, affine=affine,  # type: ignore[arg-type]
-                      standardisation=jsonable(record))
+    return PriorInput(
+        channels=channels, brain_mask=mask, spacing=spacing,  # type: ignore[arg-type]
+        affine=affine, standardisation=jsonable(record),
+    )

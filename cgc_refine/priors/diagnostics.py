@@ -88,7 +88,8 @@ def prior_diagnostics(
             f"brain mask shape {mask.shape} differs from the prior's {data.shape}; pass the "
             "mask of the prior's image"
         )
-    voxel_ml = float(np.prod(np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), np.float64))) / 1000.0
+    voxel = np.asarray(spacing if spacing is not None else (1.0, 1.0, 1.0), np.float64)
+    voxel_ml = float(np.prod(voxel)) / 1000.0
     hard = (data >= 0.5) & mask
     n_brain = int(mask.sum())
     n_hard = int(hard.sum())

@@ -491,7 +491,8 @@ class GMMPrior(BaseEstimator):
             return decision
         problems = []
         if weight > float(self.max_lesion_weight):
-            problems.append(f"it holds {100 * weight:.0f}% of the brain > {100 * float(self.max_lesion_weight):.0f}%")
+            limit = 100 * float(self.max_lesion_weight)
+            problems.append(f"it holds {100 * weight:.0f}% of the brain > {limit:.0f}%")
         if separation < float(self.min_separation):
             problems.append(f"its mean is {separation:.2f} robust SD above the tissue mode < "
                             f"{float(self.min_separation):g}")

@@ -69,7 +69,9 @@ def _smooth_inside(values: np.ndarray, mask: np.ndarray, sigma_vox: np.ndarray) 
     return np.where(mask, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
 
 
-def drop_small_components(probability: np.ndarray, spacing: Any, min_size_mm3: float) -> tuple[np.ndarray, int]:
+def drop_small_components(
+    probability: np.ndarray, spacing: Any, min_size_mm3: float
+) -> tuple[np.ndarray, int]:
     """Zero the connected components of ``probability >= 0.5`` below ``min_size_mm3``.
 
     Returns
@@ -127,7 +129,8 @@ def outlier_probability(
     if smoothing_mm > 0:
         z = _smooth_inside(z, mask, float(smoothing_mm) / h)
     probability = np.zeros(mask.shape, dtype=np.float32)
-    probability[mask] = (0.5 * (1.0 + np.tanh(0.5 * slope * (z[mask].astype(np.float64) - strictness)))).astype(np.float32)
+    excess = z[mask].astype(np.float64) - strictness
+    probability[mask] = (0.5 * (1.0 + np.tanh(0.5 * slope * excess))).astype(np.float32)
     probability, dropped = drop_small_components(probability, h, min_size_mm3)
     return probability, {"n_components_dropped": dropped}
 
