@@ -4,8 +4,9 @@ For each case this computes a built-in prior (or reads the external one), then f
 ``Refiner`` on that one subject (transductive, as ``cgc-refine --prior ... --image ...``
 does) with ``RefinerConfig.fast()`` plus any ``--set`` overrides, and prints per case: the
 prior's Dice, the cleaned prior's Dice (the label-free clean-up alone, no network), the
-network's raw output, the refined mask (network + clean-up of the output) and the guarded
-result (the collapse guard's fallback), with the fit time, the TTA agreement and the loss.
+network's TTA-averaged output alone, the refined mask (the output blend with the cleaned
+prior, ``output_blend``, then the clean-up of the output) and the guarded result (the collapse
+guard's fallback), with the fit time, the total time and the TTA agreement.
 Ground truth is read only to score; nothing in the fit sees it.
 
 Cases (``--source``): ``brats`` (z-scored BraTS 2015; FLAIR + T1c; given brain mask),
@@ -127,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         refiner = Refiner([ProbabilityMap(prior.data, volume.affine)], config=config, prior_kind="probability",
                           device="cpu", random_state=args.seed).fit([volume], brain_masks=[brain])
         fitted = time.perf_counter()
-        probability = refiner.predict_proba(volume, brain)
+        probability = refiner.predict_proba(volume, brain, prior=prior)
+        network = refiner.network_probability_
         refined = refiner.postprocess(probability, volume.spacing, affine=volume.affine, brain_mask=brain)
         guarded, _ = refiner.guard(refined, cleaned)
         if args.save_dir is not None:
             args.save_dir.mkdir(parents=True, exist_ok=True)
-            for tag, array in (("prior", prior.data), ("cleaned", cleaning.probability), ("network", probability),
+            for tag, array in (("prior", prior.data), ("cleaned", cleaning.probability), ("network", network),
                                ("truth", truth), ("brain", brain)):
                 np.save(args.save_dir / f"{case['name']}_{tag}.npy", array)
         total = time.perf_counter() - started
-        row = [dice(prior.data >= 0.5, truth), dice(cleaned > 0, truth), dice(probability >= 0.5, truth),
+        row = [dice(prior.data >= 0.5, truth), dice(cleaned > 0, truth), dice(network >= 0.5, truth),
                dice(refined > 0, truth), dice(guarded > 0, truth)]
         rows.append(row)
         print(f"| {case['name']} | " + " | ".join(f"{v:.3f}" for v in row)

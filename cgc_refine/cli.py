@@ -50,7 +50,8 @@ from .priors import BUILTIN_PRIORS  # the one registry of built-in priors; impor
 __all__ = ["main"]
 
 PROG = "cgc-refine"
-PRIOR_KINDS = ("auto", "probability", "mask", "scores", "labels", "logits")
+PRIOR_KINDS = ("auto", "probability", "percent", "probability-255", "mask", "scores", "labels",
+               "logits")
 MASK_SUFFIX = "label-lesion_mask"
 PROBSEG_SUFFIX = "label-lesion_probseg"
 EXIT_ERROR = 2
@@ -131,11 +132,92 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-class _Progress:
-    """Progress bars for training steps and inference windows (stderr, TTY only)."""
+#: Without a terminal, progress is a line on stderr at every tenth of the training and at
+#: least this often (seconds); inference windows get the time-based lines only.
+PROGRESS_LOG_SECONDS = 30.0
 
-    def __init__(self, enabled: bool) -> None:
+
+def _duration(seconds: float) -> str:
+    """``12.3 s``, ``2 min 05 s`` or ``1 h 02 min``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+class _LogProgress:
+    """Progress as occasional log lines on stderr, for runs without a terminal (a batch job,
+    a pipe, a CI log): a line whenever another tenth of the work is done (when
+    ``every_tenth``) or ``every_s`` seconds have passed since the last line, with the ETA
+    from the rate since the first update.
+
+    Parameters
+    ----------
+    label : str
+        What progresses (``"training"``, ``"inference"``).
+    unit : str
+        What is counted (``"iteration"``, ``"window"``).
+    every_tenth : bool
+        Also report every tenth of ``total``.
+    every_s : float
+        Longest silence between two lines, in seconds.
+    clock : callable
+        Monotonic time in seconds (a parameter for tests).
+    """
+
+    def __init__(self, label: str, unit: str, *, every_tenth: bool = True,
+                 every_s: float = PROGRESS_LOG_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.unit = label, unit
+        self.every_tenth, self.every_s, self.clock = every_tenth, every_s, clock
+        self.round = 1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._first: tuple[int, float] | None = None
+        self._last_done = -1
+        self._last_line = 0.0
+        self._tenth = 0
+
+    def update(self, done: int, total: int, extra: str = "") -> None:
+        """Record that ``done`` of ``total`` units are finished; maybe write a line."""
+        done, total = int(done), max(int(total), 1)
+        now = self.clock()
+        if done < self._last_done:  # a new self-training round starts again at 1
+            self.round += 1
+            self._reset()
+        if self._first is None:
+            self._first = (done, now)
+            self._last_line = now
+        self._last_done = done
+        tenth = min(10, done * 10 // total)
+        due = (self.every_tenth and tenth > self._tenth) or now - self._last_line >= self.every_s
+        if done >= total and not self.every_tenth:
+            due = False  # inference: the result line follows at once
+        if not due:
+            return
+        self._tenth, self._last_line = tenth, now
+        first_done, first_time = self._first
+        eta = ""
+        if done > first_done and done < total:
+            rate = (now - first_time) / (done - first_done)
+            eta = f", ETA {_duration(rate * (total - done))}"
+        elapsed = f", {_duration(now - first_time)} elapsed" if done > first_done else ""
+        round_text = f" (round {self.round})" if self.round > 1 else ""
+        click.echo(f"{PROG}: {self.label}{round_text}: {self.unit} {done}/{total} "
+                   f"({100 * done // total}%){extra}{elapsed}{eta}", err=True)
+
+
+class _Progress:
+    """Progress of training steps and inference windows on stderr: bars on a terminal, log
+    lines (:class:`_LogProgress`) otherwise, nothing with ``-q``."""
+
+    def __init__(self, enabled: bool, log: bool = False) -> None:
         self.enabled = enabled
+        self.log = log and not enabled
         self._stack = contextlib.ExitStack()
         self._bar: Any = None
         self._done = 0
@@ -149,7 +231,16 @@ class _Progress:
         self._done = 0
 
     def training(self, total: int) -> Callable[[dict[str, float]], None] | None:
-        """A Refiner ``callback`` that advances a bar by one step per call."""
+        """A Refiner ``callback`` that advances a bar by one step per call (or logs)."""
+        if self.log:
+            lines = _LogProgress("training", "iteration")
+
+            def log_callback(values: dict[str, float]) -> None:
+                loss = values.get("total")
+                lines.update(int(values.get("iteration", 0)), total,
+                             "" if loss is None else f", loss {loss:.4f}")
+
+            return log_callback
         if not self.enabled:
             return None
 
@@ -162,6 +253,8 @@ class _Progress:
 
     def inference(self) -> Callable[[int, int], None] | None:
         """A ``progress(done, total)`` function for sliding-window inference."""
+        if self.log:
+            return _LogProgress("inference", "window", every_tenth=False).update
         if not self.enabled:
             return None
         self.close()
@@ -191,7 +284,8 @@ class _Progress:
 
 
 def _progress(quiet: bool) -> _Progress:
-    return _Progress(enabled=not quiet and _stderr_is_tty())
+    tty = _stderr_is_tty()
+    return _Progress(enabled=not quiet and tty, log=not quiet and not tty)
 
 
 def _say(quiet: bool, message: str) -> None:
@@ -566,6 +660,13 @@ def _diagnostics_line(diagnostics: dict[str, Any]) -> str:
     return diagnostics_summary(diagnostics)
 
 
+def _prior_reading(params: dict[str, Any]) -> str:
+    """`` (read as percent)`` for a prior file whose kind was inferred from its values, so the
+    result line says how it was read (the adapters' warning gives the reason); else ``""``."""
+    kind = params.get("kind_inferred")
+    return f" (read as {kind})" if kind else ""
+
+
 def _prior_argument(prior: str) -> str:
     """Validate ``--prior``: a built-in name or something that looks like a NIfTI file."""
     if prior in BUILTIN_PRIORS:
@@ -744,6 +845,13 @@ def _error(message: str) -> None:
 
 
 def _interrupted() -> None:
+    """The interrupt line; it names a training checkpoint kept for ``fit --resume``."""
+    kept = _STATE.get("checkpoint")
+    if kept is not None and Path(kept).is_file():
+        click.echo(f"{PROG}: interrupted; no output was written except the training checkpoint "
+                   f"'{kept}', kept so that the same fit command with --resume continues from it",
+                   err=True)
+        return
     click.echo(f"{PROG}: interrupted; no output was written", err=True)
 
 
@@ -784,7 +892,7 @@ class _CLIGroup(click.Group):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
-        _STATE.update(verbose=_count_verbose(argv), argv=argv, quiet=False)
+        _STATE.update(verbose=_count_verbose(argv), argv=argv, quiet=False, checkpoint=None)
         code = 0
         previous_sigterm = _catch_sigterm()
         try:
@@ -979,7 +1087,7 @@ def _run_single(
     check_prior_informative(pmap, brain)
     timings["prior_s"] = time.perf_counter() - tick
     prior_diag = prior_diagnostics(pmap, brain, volume.spacing)
-    _say(quiet, f"prior: {_diagnostics_line(prior_diag)}")
+    _say(quiet, f"prior{_prior_reading(pmap.params)}: {_diagnostics_line(prior_diag)}")
 
     from .refiner import Refiner
 
@@ -995,7 +1103,7 @@ def _run_single(
         if not is_main_process():
             return  # under torchrun only rank 0 predicts and writes
         tick = time.perf_counter()
-        probability = refiner.predict_proba(volume, brain, progress=bars.inference())
+        probability = refiner.predict_proba(volume, brain, prior=pmap, progress=bars.inference())
         mask = refiner.postprocess(probability, volume.spacing, affine=volume.affine, brain_mask=brain)
         timings["inference_s"] = time.perf_counter() - tick
 
@@ -1070,6 +1178,18 @@ def _run_single(
         proba_path=proba_path, model_path=model_path, sidecar_path=sidecar_path, sidecar=sidecar,
         overwrite=overwrite, started=started, quiet=quiet, report=report_spec,
     )
+    _say(quiet, _summary_line(sidecar["lesion"]["volume_mm3"], prior_voxels * voxel_mm3,
+                              time.perf_counter() - started))
+
+
+def _summary_line(lesion_mm3: float, prior_mm3: float | None, seconds: float) -> str:
+    """The last line of a single-subject run: lesion volume, change from the prior, time."""
+    text = f"done: lesion volume {lesion_mm3 / 1000.0:.2f} ml"
+    if prior_mm3 is not None:
+        change = (lesion_mm3 - prior_mm3) / 1000.0
+        relative = f", {100.0 * change * 1000.0 / prior_mm3:+.0f}%" if prior_mm3 > 0 else ""
+        text += f" (prior {prior_mm3 / 1000.0:.2f} ml: {change:+.2f} ml{relative})"
+    return f"{text}, in {_duration(seconds)}"
 
 
 def _refinement_facts(refiner: Any, config: Any, prior: Any, probability: Any, mask: Any, volume: Any,
@@ -1092,7 +1212,8 @@ def _refinement_facts(refiner: Any, config: Any, prior: Any, probability: Any, m
         "tta_agreement": getattr(refiner, "tta_agreement_", None),
         "voxels_changed_vs_prior": int((prior_mask != refined).sum()),
         "dice_with_prior": 1.0 if total == 0 else 2.0 * int((prior_mask & refined).sum()) / total,
-        "network_voxels_before_cleanup": int((probability >= config.threshold).sum()),
+        "network_voxels": int((getattr(refiner, "network_probability_", probability) >= config.threshold).sum()),
+        "blended_voxels_before_cleanup": int((probability >= config.threshold).sum()),
     }
 
 
@@ -1262,7 +1383,11 @@ def prior_command(
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Data-loader worker processes drawing crops while the step runs.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Write a checkpoint (MODEL.ckpt) every N iterations (0: none).")
+              help="Write a checkpoint (MODEL.ckpt) every N iterations (0: none); it is kept "
+                   "when the fit is interrupted and removed when the fit finishes.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted fit from MODEL.ckpt; give the same options as the "
+                   "interrupted command (same cohort, seed and configuration).")
 @_recipe_options
 @_training_options
 @_common_options(output_help="Model file to write (e.g. model.pt); required.")
@@ -1275,6 +1400,7 @@ def fit_command(
     iterations: int | None, seed: int, crop_size: Sequence[int] | None, output: str | None,
     overwrite: bool, quiet: bool, verbose: int, threads: int | None = None,
     cleanup: str | None = None, rounds: int | None = None, tta: str | None = None,
+    resume: bool = False,
 ) -> None:
     """Train one model on a cohort (no ground truth used) and save it.
 
@@ -1340,9 +1466,16 @@ def fit_command(
                            cleanup=cleanup, rounds=rounds, tta=tta)
     resolved = _resolve_device(device, fast=fast)
     n_threads = _configure_threads(threads)
-    checkpoint_path = model_path.with_name(model_path.name + ".ckpt") if checkpoint_every else None
+    checkpoint_file = model_path.with_name(model_path.name + ".ckpt")
+    resume_path = _resume_checkpoint(checkpoint_file, seed=seed, rounds=config.rounds) if resume else None
+    if resume_path is None and checkpoint_file.is_file():
+        logger.warning("'%s' is left from an earlier interrupted fit; this fit starts afresh (add "
+                       "--resume to continue from it) and removes it when it finishes", checkpoint_file)
+    checkpoint_path = checkpoint_file if checkpoint_every else None
     if checkpoint_path is not None:
         _check_plain_output(checkpoint_path, overwrite=True, what="checkpoint")
+    if checkpoint_path is not None or resume_path is not None:
+        _STATE["checkpoint"] = checkpoint_file  # named by the interrupt line
 
     from .distributed import is_main_process
     from .priors import FilePrior
@@ -1363,7 +1496,8 @@ def fit_command(
                           random_state=seed, callback=bars.training(config.iterations))
         tick = time.perf_counter()
         refiner.fit(volumes, brain_masks=masks, cache_dir=cache_dir,
-                    checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+                    checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                    resume_from=resume_path)
         train_seconds = time.perf_counter() - tick
     if not is_main_process():
         return  # under torchrun only rank 0 writes
@@ -1396,12 +1530,58 @@ def fit_command(
         "timings": {"load_and_prior_s": prior_seconds, "train_s": train_seconds - prior_seconds},
         "distributed": {"world_size": int(refiner.timings_["world_size"])},
     })
+    sidecar["training"]["resumed_from"] = _abs(resume_path)
     with _transaction(overwrite) as tx:
         tx.add(refiner.save(model_path, overwrite=overwrite))
         sidecar["timings"]["total_s"] = time.perf_counter() - started
         tx.add(_atomic_write_text(sidecar_path, _dump_json(sidecar), overwrite=overwrite))
+    _STATE["checkpoint"] = None
+    if checkpoint_file.is_file():  # the model is complete: its training checkpoint is obsolete
+        try:
+            checkpoint_file.unlink()
+            logger.info("removed the training checkpoint '%s'", checkpoint_file)
+        except OSError as error:
+            logger.warning("could not remove the obsolete training checkpoint '%s' (%s); delete "
+                           "it by hand", checkpoint_file, error.strerror or error)
     for path in tx.written:
         _say(quiet, f"wrote {path}")
+
+
+def _resume_checkpoint(path: Path, *, seed: int, rounds: int) -> Path:
+    """The checkpoint ``fit --resume`` continues from, after checking that it can.
+
+    Raises
+    ------
+    CheckpointError
+        When there is no checkpoint, it is not one, or it was written with another seed.
+    ConfigError
+        With several self-training rounds (a checkpoint does not record its round).
+    """
+    from .exceptions import CheckpointError, ConfigError
+
+    if rounds > 1:
+        raise ConfigError(
+            "--resume continues a one-round training only (a checkpoint does not record which "
+            "self-training round it belongs to); drop --resume or --rounds"
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume: there is no checkpoint '{path}' to continue from (fit writes it with "
+            "--checkpoint-every N and removes it when it finishes); drop --resume to start afresh"
+        )
+    facts = _checkpoint_facts(path)
+    if not facts["training_checkpoint"]:
+        raise CheckpointError(
+            f"--resume: '{path}' is a finished model, not a training checkpoint; drop --resume "
+            "(or move the file away) to train afresh"
+        )
+    if facts["random_state"] is not None and int(facts["random_state"]) != seed:
+        raise CheckpointError(
+            f"--resume: the checkpoint '{path}' was written by a fit with --seed "
+            f"{facts['random_state']}, this one has --seed {seed}; resume with the same options"
+        )
+    logger.info("resuming from '%s' (iteration %d of %d)", path, facts["n_iter"], facts["iterations"])
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -1424,10 +1604,56 @@ def _load_model(model: str, device: str) -> Any:
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        facts = _checkpoint_facts(path)
+        if facts["training_checkpoint"] and not facts["complete"]:
+            raise CheckpointError(
+                f"'{path}' is a training checkpoint (iteration {facts['n_iter']} of "
+                f"{facts['iterations']}{_rounds_text(facts)}), written by 'fit --checkpoint-every' "
+                "so that an interrupted fit can continue, not a finished model; finish the "
+                "training by running the same fit command again with --resume, then pass the "
+                "model it writes"
+            )
         refiner = Refiner.load(model, device=device)
     for item in caught:
         warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+    if facts["training_checkpoint"]:
+        logger.warning("'%s' is the training checkpoint of a finished training (iteration %d of %d); "
+                       "using it as the model", path, facts["n_iter"], facts["iterations"])
     return refiner
+
+
+def _rounds_text(facts: dict[str, Any]) -> str:
+    return f", in a {facts['rounds']}-round self-training" if facts["rounds"] > 1 else ""
+
+
+def _checkpoint_facts(path: Path) -> dict[str, Any]:
+    """What a saved file is: a finished model (:meth:`Refiner.save`) or a periodic training
+    checkpoint (it carries the optimiser state), and how far its training went.
+
+    A checkpoint counts as complete when it was written at the last iteration of a one-round
+    training; with several self-training rounds the round it belongs to is not recorded.
+
+    Raises
+    ------
+    CheckpointError
+        When the file is missing, unreadable or not a cgc_refine model.
+    """
+    from .refiner import _read_checkpoint
+
+    state = _read_checkpoint(path)
+    config = state.get("config") or {}
+    n_iter = int(state.get("n_iter", 0))
+    iterations = int(config.get("iterations", n_iter))
+    rounds = int(config.get("rounds", 1))
+    training = state.get("optimizer_state") is not None
+    return {
+        "training_checkpoint": training,
+        "n_iter": n_iter,
+        "iterations": iterations,
+        "rounds": rounds,
+        "random_state": state.get("random_state"),
+        "complete": n_iter >= iterations and rounds == 1,
+    }
 
 
 @main.command("predict")
@@ -1488,7 +1714,7 @@ def predict_command(
         tick = time.perf_counter()
         probability = refiner.predict_proba(volume, brain, progress=bars.inference())
         mask = refiner.postprocess(probability, volume.spacing, threshold=threshold,
-                                   min_size_mm3=min_size_mm3)
+                                   min_size_mm3=min_size_mm3, affine=volume.affine, brain_mask=brain)
         inference_seconds = time.perf_counter() - tick
     import numpy as np
 
@@ -1541,6 +1767,7 @@ def predict_command(
         proba_path=proba_path, model_path=None, sidecar_path=sidecar_path, sidecar=sidecar,
         overwrite=overwrite, started=started, quiet=quiet, report=report_spec,
     )
+    _say(quiet, _summary_line(sidecar["lesion"]["volume_mm3"], None, time.perf_counter() - started))
 
 
 # --------------------------------------------------------------------------------------------

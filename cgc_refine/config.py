@@ -114,6 +114,13 @@ class RefinerConfig:
         Choose per-axis down-sampling strides from the voxel spacing
         (:func:`cgc_refine.model.anisotropic_strides`): an axis much coarser than the finest
         is not pooled until the others catch up. False pools every axis at every level.
+    output_blend : {"confidence", "none"}
+        The refined probability trusts the cleaned prior where it is sure and the network
+        where it is not: ``c * prior + (1 - c) * network`` with ``c = |2 prior - 1|``, the
+        weights of training (:func:`cgc_refine.refiner.blend_with_prior`); used when the
+        subject's prior is known (single-subject runs, or a built-in prior). Disclosure: added
+        after the dev BraTS run (GMM prior, CPU --fast) scored the network + clean-up at
+        0.844 and this blend at 0.852 (benchmarks/RESULTS.md, section 11).
     fallback : bool
         Label-free guard: when the refined mask holds under a third or over three times the
         cleaned prior's volume (a collapse or an explosion, not a refinement), warn and return
@@ -150,6 +157,7 @@ class RefinerConfig:
     rounds: int = 1
     tta: int = 8
     anisotropic: bool = True
+    output_blend: str = "confidence"
     fallback: bool = True
 
     @classmethod
@@ -203,6 +211,8 @@ class RefinerConfig:
 
         if self.target_weighting not in TARGET_WEIGHTINGS:
             raise ConfigError(f"target_weighting must be one of {TARGET_WEIGHTINGS}, got {self.target_weighting!r}")
+        if self.output_blend not in ("confidence", "none"):
+            raise ConfigError(f"output_blend must be 'confidence' or 'none', got {self.output_blend!r}")
         if self.cleanup not in LESION_PATTERNS:
             raise ConfigError(f"cleanup must be one of {LESION_PATTERNS}, got {self.cleanup!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= 10:

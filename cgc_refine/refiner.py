@@ -635,6 +635,7 @@ class Refiner(BaseEstimator):
         volume: Any,
         brain_mask: Any = None,
         *,
+        prior: Any = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Refined lesion probability on the volume's own grid.
@@ -645,6 +646,11 @@ class Refiner(BaseEstimator):
             One subject, with the channels the network was trained on.
         brain_mask : path or array, optional
             Restricts the output (0 outside); derived when omitted.
+        prior : ProbabilityMap or array, optional
+            This subject's prior. With ``config.output_blend == "confidence"`` the network's
+            probability is blended with the cleaned prior (:func:`blend_with_prior`); without
+            it, a built-in prior given to the constructor is computed for the volume; else the
+            network's probability is returned as it is.
         progress : callable, optional
             ``progress(done, total)`` over the sliding windows.
 
@@ -665,25 +671,40 @@ class Refiner(BaseEstimator):
         self.tta_agreement_ = agreement
         probability = np.zeros(subject.shape, dtype=np.float32)
         probability[subject.bbox] = box_prob
-        return probability
+        self.network_probability_ = probability
+        if getattr(self.config_, "output_blend", "none") == "none":
+            return probability
+        if prior is None and self._builtin_prior() is not None:
+            prior = self._builtin_prior().compute(loaded, _load_mask(brain_mask, loaded))
+        if prior is None:
+            return probability
+        prior_data = np.asarray(getattr(prior, "data", prior), dtype=np.float32)
+        if self.config_.cleanup != "none":
+            brain = np.zeros(subject.shape, dtype=bool)
+            brain[subject.bbox] = np.asarray(subject.brain[0].cpu())
+            prior_data = clean_probability(prior_data, loaded.spacing, CleanupSettings(pattern=self.config_.cleanup),
+                                           brain_mask=brain, affine=loaded.affine).probability
+        return blend_with_prior(probability, prior_data)
 
     def predict(
         self,
         volume: Any,
         brain_mask: Any = None,
         *,
+        prior: Any = None,
         threshold: float | None = None,
         min_size_mm3: float | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """Refined lesion mask (uint8 {0, 1}) on the volume's own grid.
 
-        ``threshold`` and ``min_size_mm3`` default to the configuration's.
+        ``prior`` as for :meth:`predict_proba`; ``threshold`` and ``min_size_mm3`` default to
+        the configuration's.
         """
         check_is_fitted(self, "network_")
         loaded = _load(volume)
         mask_array = _load_mask(brain_mask, loaded)
-        probability = self.predict_proba(loaded, mask_array, progress=progress)
+        probability = self.predict_proba(loaded, mask_array, prior=prior, progress=progress)
         return self.postprocess(probability, loaded.spacing, threshold=threshold, min_size_mm3=min_size_mm3,
                                 affine=loaded.affine, brain_mask=mask_array)
 
@@ -886,3 +907,16 @@ def collapse_warning(prior_voxels: int, refined_voxels: int, factor: float = 3.0
         return (f"the refined mask holds {refined_voxels} voxels, {ratio:.2f} times the prior's {prior_voxels}: "
                 "training did not refine this prior")
     return None
+
+
+def blend_with_prior(network: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Trust the (cleaned) prior where it is sure, the network where it is not.
+
+    ``p = c * prior + (1 - c) * network`` with ``c = |2 prior - 1|``, the same confidence that
+    weights the BCE term in training (:func:`cgc_refine.training.target_weights`): the network
+    learned from the voxels the prior was sure of, and decides the ones it was not. A hard
+    (0/1) prior is returned unchanged -- it states no uncertainty for the network to resolve;
+    soften it first (``from_mask(sigma_mm=...)``) to let the network move its boundary.
+    """
+    confidence = np.abs(2.0 * prior - 1.0)
+    return np.clip(confidence * prior + (1.0 - confidence) * network, 0.0, 1.0).astype(np.float32)

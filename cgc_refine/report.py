@@ -3,8 +3,18 @@
 The montage shows the slices with the most lesion voxels (the image in grey, windowed on the
 percentiles of its non-zero voxels) with the contours of the prior, the refined mask and,
 when given, the ground truth. Panels are drawn in millimetres, so anisotropic voxels (e.g.
-0.47 x 0.47 x 8 mm) keep their true proportions. Panels are shown in voxel order (first
-in-plane axis to the right, second upwards), not re-oriented to a radiological convention.
+0.47 x 0.47 x 8 mm) keep their true proportions.
+
+When the voxel-to-world affine is known (a :class:`~cgc_refine.io.Volume`, or ``affine=``),
+the arrays are reoriented for display only to the closest canonical (RAS) orientation, so
+an LPS, LAS or RAS file of the same head gives the same picture: axial panels with anterior
+at the top, coronal and sagittal panels with superior at the top. The default
+``orientation="neurological"`` puts the patient's right on the right of the panel
+(``"radiological"`` on the left, as a scanner console does); every panel's edges are
+labelled R/L, A/P, S/I and the convention is written under the panels. Oblique acquisitions
+are shown along their closest canonical axes, not resampled. Without an affine (plain
+arrays), or with ``orientation="voxel"``, panels are shown in voxel order (first in-plane
+axis to the right, second upwards), unlabelled.
 
 Matplotlib is an optional dependency (``pip install "cgc_refine[report]"``); it is imported
 only when a montage is drawn, and through its object-oriented API with the Agg canvas, so
@@ -35,12 +45,14 @@ from .exceptions import (
 )
 
 __all__ = [
+    "ORIENTATIONS",
     "OVERLAY_COLORS",
     "MissingDependencyError",
     "lesion_slices",
     "panel_extent",
     "render_montage",
     "require_matplotlib",
+    "side_labels",
     "write_html_report",
 ]
 
@@ -53,6 +65,9 @@ _OVERLAY_LABELS = {"prior": "prior", "refined": "refined", "truth": "ground trut
 # contours lying on top of each other stay visible
 _OVERLAY_STYLES: dict[str, tuple[float, Any]] = {"truth": (2.2, "solid"), "prior": (1.1, "dashed"), "refined": (1.1, "solid")}
 _MIN_MATPLOTLIB = (3, 6)
+#: Display conventions of :func:`render_montage`.
+ORIENTATIONS = ("neurological", "radiological", "voxel")
+_POSITIVE, _NEGATIVE = "RAS", "LPI"  # the letter at the high and the low end of each RAS axis
 _PANEL_INCHES = 3.0  # the longer side of one panel
 _MIN_PANEL_INCHES = 0.6  # the shorter side is never drawn thinner than this
 _DPI = 100
@@ -282,6 +297,45 @@ def panel_extent(
     return (0.0, size[horizontal] * sp[horizontal], 0.0, size[vertical] * sp[vertical])
 
 
+def _canonical_transform(affine: Any) -> np.ndarray:
+    """The nibabel orientation transform from the voxel axes of ``affine`` to RAS (closest
+    canonical axes): row ``i`` holds the RAS axis voxel axis ``i`` goes to and ``-1`` when it
+    is reversed."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise InvalidImageError(f"affine must be a finite 4 x 4 matrix, got shape {matrix.shape}")
+    return ornt_transform(io_orientation(matrix), axcodes2ornt("RAS"))
+
+
+def side_labels(axis: int, orientation: str = "neurological") -> dict[str, str]:
+    """The anatomical letters at the edges of a canonical panel sliced along ``axis``.
+
+    Parameters
+    ----------
+    axis : int
+        RAS axis the slices are taken along: 0 sagittal, 1 coronal, 2 axial.
+    orientation : {"neurological", "radiological"}
+        Neurological: the high end of the horizontal axis (R, or A in sagittal panels) on
+        the right; radiological: mirrored left-right in axial and coronal panels, so that the
+        patient's right is on the viewer's left. Sagittal panels are the same in both.
+
+    Returns
+    -------
+    dict
+        Letters for ``"left"``, ``"right"``, ``"bottom"`` and ``"top"``.
+    """
+    axis = _check_axis(axis)
+    if orientation not in ("neurological", "radiological"):
+        raise ValueError(f"orientation must be 'neurological' or 'radiological', got {orientation!r}")
+    horizontal, vertical = (a for a in range(3) if a != axis)
+    left, right = _NEGATIVE[horizontal], _POSITIVE[horizontal]
+    if orientation == "radiological" and horizontal == 0:
+        left, right = right, left
+    return {"left": left, "right": right, "bottom": _NEGATIVE[vertical], "top": _POSITIVE[vertical]}
+
+
 def _window(image: np.ndarray, window: Sequence[float] | None) -> tuple[float, float]:
     """Grey-level window: the 0.5-99.5 percentiles of the non-zero voxels (or ``window``)."""
     if window is not None:
@@ -329,6 +383,8 @@ def render_montage(
     n_slices: int = 3,
     window: Sequence[float] | None = None,
     overwrite: bool = False,
+    affine: Any | None = None,
+    orientation: str = "neurological",
 ) -> Path:
     """Draw a PNG montage of lesion slices with the contours of prior, refined mask and truth.
 
@@ -345,11 +401,13 @@ def render_montage(
     spacing : sequence of 3 float, optional
         Voxel size in mm (default: the Volume's spacing, else 1 mm); panels are drawn in mm.
     slices : sequence of int, optional
-        The slice indices along ``axis`` (default: :func:`lesion_slices` of the overlays).
+        The slices to show (default: :func:`lesion_slices` of the overlays), as the panels
+        label them: voxel indices of the input along the voxel axis shown as ``axis``.
     title : str, optional
         A line above the panels.
     axis : int
-        The voxel axis the slices are taken along (default 2, the third axis).
+        The axis the slices are taken along (default 2): with an affine, a canonical axis
+        (0 sagittal, 1 coronal, 2 axial); without one, a voxel axis.
     n_slices : int
         How many slices to choose when ``slices`` is not given.
     window : (float, float), optional
@@ -357,6 +415,13 @@ def render_montage(
         percentiles of the non-zero voxels.
     overwrite : bool
         Replace an existing file.
+    affine : array-like, optional
+        The (4, 4) voxel-to-world matrix (default: the Volume's ``affine``; none for a plain
+        array). With it, the panels are drawn in the closest canonical orientation and
+        labelled (see the module documentation).
+    orientation : {"neurological", "radiological", "voxel"}
+        With an affine: the patient's right on the right (neurological, default) or on the
+        left (radiological) of axial and coronal panels; ``"voxel"`` ignores the affine.
 
     Returns
     -------
@@ -368,19 +433,24 @@ def render_montage(
     MissingDependencyError
         If matplotlib is not installed.
     InvalidImageError, SpaceMismatchError
-        If the image is not 3-D or an overlay is on another grid.
+        If the image is not 3-D, an overlay is on another grid or the affine is not 4 x 4.
     ValueError
-        If a slice index is out of range.
+        If a slice index is out of range or ``orientation`` is unknown.
     OutputExistsError, OutputNotWritableError
         If the file exists (without ``overwrite``) or cannot be written.
     """
     require_matplotlib("render_montage")
     out = Path(os.fspath(path))
     axis = _check_axis(axis)
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     if spacing is None:
         spacing = getattr(image, "spacing", (1.0, 1.0, 1.0))
     sp = _check_spacing(spacing)
+    if affine is None:
+        affine = getattr(image, "affine", None)
     data = _as_3d(image, "image")
+    transform = None if affine is None or orientation == "voxel" else _canonical_transform(affine)
     overlays: dict[str, np.ndarray] = {}
     # drawing order: truth underneath, the refined mask on top
     for name, value in (("truth", truth), ("prior", prior), ("refined", refined)):
@@ -393,18 +463,37 @@ def render_montage(
                 "the image grid"
             )
         overlays[name] = array
+    # the voxel axis shown as `axis`, and whether it runs backwards in the display
+    source_axis, reversed_axis = axis, False
+    if transform is not None:
+        from nibabel.orientations import apply_orientation
+
+        data = apply_orientation(data, transform)
+        overlays = {name: apply_orientation(array, transform) for name, array in overlays.items()}
+        moved = [0.0, 0.0, 0.0]
+        for voxel_axis, (target, _) in enumerate(transform):
+            moved[int(target)] = sp[voxel_axis]
+        sp = (moved[0], moved[1], moved[2])
+        source_axis = int(np.flatnonzero(transform[:, 0] == axis)[0])
+        reversed_axis = bool(transform[source_axis, 1] < 0)
     size = data.shape[axis]
+
+    def as_displayed(index: int) -> int:  # the input's voxel index <-> the displayed array's
+        return size - 1 - index if reversed_axis else index
+
     if slices is None:
         chosen = lesion_slices(list(overlays.values()), n=n_slices, axis=axis) if overlays else \
             _central_slices(size, min(int(n_slices), size))
     else:
-        chosen = [int(s) for s in slices]
-        if not chosen:
+        given = [int(s) for s in slices]
+        if not given:
             raise ValueError("slices is empty; pass at least one slice index or None")
-        bad = [s for s in chosen if not 0 <= s < size]
+        bad = [s for s in given if not 0 <= s < size]
         if bad:
             raise ValueError(f"slice(s) {bad} out of range: axis {axis} has {size} slices (0-{size - 1})")
+        chosen = [as_displayed(s) for s in given]
     check_writable_target(out, overwrite)
+    labels = None if transform is None else side_labels(axis, orientation)
 
     low, high = _window(data, window)
     extent = panel_extent(data.shape, sp, axis)
@@ -412,7 +501,7 @@ def render_montage(
     panel_w, panel_h = _panel_inches(extent[1], extent[3])
     gap, side = 0.08, 0.08
     top = 0.42 if title else 0.08
-    bottom = 0.36 if overlays else 0.08
+    bottom = 0.36 if overlays else (0.24 if labels else 0.08)
     width = side * 2 + len(chosen) * panel_w + (len(chosen) - 1) * gap
     height = top + panel_h + bottom
     figure, canvas = _agg_figure(width, height)
@@ -432,17 +521,34 @@ def render_montage(
                 ax.contour(centres_x, centres_y, section, levels=[0.5],
                            colors=[OVERLAY_COLORS[name]], linewidths=_OVERLAY_STYLES[name][0],
                            linestyles=_OVERLAY_STYLES[name][1])
-        ax.set_xlim(extent[0], extent[1])
+        if labels is not None and labels["left"] == "R":  # radiological: mirrored left-right
+            ax.set_xlim(extent[1], extent[0])
+        else:
+            ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
-        ax.text(0.03, 0.97, f"slice {index}", transform=ax.transAxes, color="white",
+        shown = as_displayed(index)
+        where = "" if source_axis == axis else f" of voxel axis {source_axis}"
+        ax.text(0.03, 0.97, f"slice {shown}{where}", transform=ax.transAxes, color="white",
                 fontsize=8, va="top", ha="left")
+        if labels is not None:
+            for edge, (x, y, ha, va) in {"left": (0.02, 0.5, "left", "center"),
+                                         "right": (0.98, 0.5, "right", "center"),
+                                         "bottom": (0.5, 0.02, "center", "bottom"),
+                                         "top": (0.5, 0.98, "center", "top")}.items():
+                ax.text(x, y, labels[edge], transform=ax.transAxes, color="#8fd3ff",
+                        fontsize=8, fontweight="bold", ha=ha, va=va)
     if title:
         figure.text(0.5, 1.0 - (top / 2) / height, title, color="white", fontsize=10,
                     ha="center", va="center")
+    if labels is not None:
+        note = ("radiological: patient's right on the left" if orientation == "radiological"
+                else "neurological: patient's right on the right")
+        figure.text(1.0 - side / width, 0.03 / height, note, color="#8fd3ff", fontsize=6,
+                    ha="right", va="bottom")
     if overlays:
         from matplotlib.lines import Line2D
 
@@ -458,7 +564,8 @@ def render_montage(
         canvas.print_png(handle)
 
     atomic_write(out, write, overwrite=overwrite, binary=True)
-    logger.info("wrote montage of slices %s (axis %d) to %s", chosen, axis, out)
+    logger.info("wrote montage of slices %s (axis %d, %s) to %s", [as_displayed(i) for i in chosen],
+                axis, orientation if transform is not None else "voxel order", out)
     return out
 
 

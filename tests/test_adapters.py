@@ -510,7 +510,9 @@ def test_as_probability_map_returns_probability_map_unchanged() -> None:
 def test_as_probability_map_unknown_kind() -> None:
     with pytest.raises(InvalidPriorError, match="unknown prior kind 'heatmap'"):
         as_probability_map(np.zeros((2, 2, 2)), kind="heatmap")
-    assert set(ADAPTER_KINDS) == {"probability", "mask", "labels", "logits", "scores"}
+    # issue 13 item 2 added the scaled probability storages "percent" and "probability-255"
+    assert set(ADAPTER_KINDS) == {"probability", "percent", "probability-255", "mask", "labels",
+                                  "logits", "scores"}
 
 
 # ---------------------------------------------------------------------- check_prior_informative
@@ -541,3 +543,128 @@ def test_check_prior_informative() -> None:
     outside_only = np.where(brain, 0.0, 1.0).astype(np.float32)
     with pytest.raises(InvalidPriorError, match="empty"):
         check_prior_informative(ProbabilityMap(outside_only), brain)
+
+
+# ------------------------------------------- issue 13 item 2: common encodings of a prior file
+
+
+def soft_blob(shape=(24, 24, 12)) -> np.ndarray:
+    """A smooth probability map that reaches 1: a blurred box, scaled to maximum 1."""
+    from scipy import ndimage
+
+    box = np.zeros(shape)
+    box[8:16, 8:16, 4:8] = 1.0
+    blob = ndimage.gaussian_filter(box, 1.5)
+    return blob / blob.max()
+
+
+def test_uint8_probability_is_read_as_255_scaled_not_as_labels(caplog) -> None:
+    p = soft_blob()
+    stored = np.round(p * 255).astype(np.uint8)
+    assert len(np.unique(stored)) > 16  # the issue's case: read before as a label map
+    assert infer_prior_kind(stored) == "probability-255"
+    with caplog.at_level(logging.WARNING, logger=ADAPTER_LOGGER):
+        pm = as_probability_map(stored)
+    assert pm.source == "probability" and pm.params["scale"] == 255.0
+    assert pm.params["kind_inferred"] == "probability-255"
+    np.testing.assert_allclose(pm.data, p, atol=0.5 / 255 + 1e-6)
+    # the lesion is the blob's core, not the whole non-zero support
+    assert int((pm.data >= 0.5).sum()) == int((p >= 0.5).sum())
+    assert "prior kind inferred from its values: probability-255" in caplog.text  # a WARNING
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["float", "integer"])
+def test_percent_probability_is_divided_by_100(integer: bool, caplog) -> None:
+    p = soft_blob()
+    stored = np.round(p * 100) if integer else p * 100.0
+    with caplog.at_level(logging.WARNING, logger=ADAPTER_LOGGER):
+        pm = as_probability_map(stored.astype(np.float32))
+    assert pm.params["kind_inferred"] == "percent" and pm.params["scale"] == 100.0
+    np.testing.assert_allclose(pm.data, p, atol=0.005 + 1e-6)
+    assert "inferred from its values: percent" in caplog.text
+
+
+def test_float_0_255_probability_is_divided_by_255() -> None:
+    p = soft_blob()
+    pm = as_probability_map((p * 255.0).astype(np.float32))
+    assert pm.params["kind_inferred"] == "probability-255"
+    np.testing.assert_allclose(pm.data, p, atol=1e-5)
+
+
+def test_tiny_excursions_of_a_probability_map_are_clipped_and_said(caplog) -> None:
+    p = soft_blob()
+    wobbly = p + np.where(p < 0.5, -1e-6, 1e-6)  # -1e-6 .. 1 + 1e-6 (a resampler's overshoot)
+    assert wobbly.min() < 0 and wobbly.max() > 1
+    with caplog.at_level(logging.WARNING, logger=ADAPTER_LOGGER):
+        pm = as_probability_map(wobbly)
+    assert pm.params["kind_inferred"] == "probability"
+    assert pm.data.min() == 0.0 and pm.data.max() == 1.0
+    np.testing.assert_allclose(pm.data, p, atol=2e-6)
+    assert "inferred from its values: probability" in caplog.text
+    assert "clipped" in caplog.text
+
+
+def test_minus_one_to_one_map_is_refused_naming_prior_kind() -> None:
+    with pytest.raises(InvalidPriorError, match=r"\[-1, 1\].*--prior-kind"):
+        as_probability_map(2.0 * soft_blob() - 1.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # floats with a maximum of 120: neither percent nor a 0-255 map that reaches 0.5
+        lambda: soft_blob() * 120.0,
+        # dense integers up to 40: a percent map that never reaches 50 %, or what else?
+        lambda: np.round(soft_blob() * 40.0).astype(np.int16),
+        # 31 integer values up to 120: too many labels, neither percent nor 0-255
+        lambda: np.resize(np.arange(0, 121, 4), (8, 8, 8)).astype(np.uint8),
+    ],
+    ids=["float-0-120", "integers-0-40", "integers-0-120"],
+)
+def test_ambiguous_encodings_are_refused(make) -> None:
+    with pytest.raises(InvalidPriorError, match="--prior-kind"):
+        as_probability_map(make())
+
+
+def test_plain_readings_are_info_and_recorded(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger=ADAPTER_LOGGER):
+        pm = as_probability_map(soft_blob())
+        mask = as_probability_map(cube_mask())
+    assert caplog.text == ""  # exactly {0, 1} and within [0, 1]: nothing to warn about
+    assert pm.params["kind_inferred"] == "probability" and mask.params["kind_inferred"] == "mask"
+    with caplog.at_level(logging.WARNING, logger=ADAPTER_LOGGER):
+        labels = as_probability_map(brats_like_labels())
+    assert labels.params["kind_inferred"] == "labels"
+    assert "inferred from its values: labels" in caplog.text  # labels are said at WARNING
+
+
+def test_explicit_scaled_kinds_and_their_range_check() -> None:
+    stored = np.round(soft_blob() * 255)
+    assert as_probability_map(stored, kind="probability-255").params["scale"] == 255.0
+    assert "kind_inferred" not in as_probability_map(stored, kind="probability-255").params
+    with pytest.raises(InvalidPriorError, match="after dividing by 100"):
+        as_probability_map(stored, kind="percent")
+    with pytest.raises(InvalidPriorError, match="kind='probability-255'"):
+        from_probability(stored)
+    with pytest.raises(InvalidPriorError, match="scale must be positive"):
+        from_probability(soft_blob(), scale=0.0)
+
+
+def test_file_prior_uint8_with_resampling_is_decided_before_interpolation(tmp_path) -> None:
+    import nibabel as nib
+
+    from cgc_refine.io import load_volume
+    from cgc_refine.priors.adapters import FilePrior
+
+    p = soft_blob()
+    image_path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image((p * 100 + 10).astype(np.float32), np.eye(4)), str(image_path))
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5  # half a voxel: linear interpolation makes non-integers of the bytes
+    prior_path = tmp_path / "prior.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(p * 255).astype(np.uint8), shifted), str(prior_path))
+    volume = load_volume(image_path)
+    pm = FilePrior(prior_path, resample=True).compute(volume)
+    assert pm.params["kind_inferred"] == "probability-255"
+    assert pm.params["file"]["resampled"] is True
+    assert 0.0 <= pm.data.min() and pm.data.max() <= 1.0 and pm.data.max() > 0.9

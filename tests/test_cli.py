@@ -1032,3 +1032,235 @@ def test_prior_command_cleanup(subject: dict[str, Path]) -> None:
 def test_bad_cleanup_pattern_is_a_usage_error(subject: dict[str, Path]) -> None:
     result = run("--prior", "gmm", "--image", subject["image"], "--cleanup", "tumour", *TRAIN)
     assert result.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 8: fit --checkpoint-every / --resume
+# --------------------------------------------------------------------------------------------
+
+RESUME_TRAIN = ["--fast", "--iterations", "3", *CROP, "--device", "cpu", "--seed", "3"]
+
+
+def _fit_args(cohort: Path, model: Path) -> list[object]:
+    return ["fit", "--cohort", cohort, "--image-pattern", "flair.nii.gz", "--prior-pattern",
+            "prior.nii.gz", "--mask-pattern", "brain.nii.gz", "-o", model, *RESUME_TRAIN]
+
+
+def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Raise KeyboardInterrupt in the ``step``-th training step (1-based)."""
+    import cgc_refine.training as training
+
+    real = training.training_step
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", interrupting)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_interrupted_fit_names_its_checkpoint_then_resume_finishes_and_tidies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep_torch_threads: None,
+) -> None:
+    cohort = _cohort(tmp_path / "cohort")
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / "m.pt"
+    checkpoint = out / "m.pt.ckpt"
+    with monkeypatch.context() as patch:
+        _interrupt_at_step(patch, 3)  # after the checkpoints of iterations 1 and 2
+        interrupted = run(*_fit_args(cohort, model), "--checkpoint-every", "1", "--threads", "1")
+    assert interrupted.exit_code == 130
+    lines = error_lines(interrupted)
+    assert lines[-1].startswith("cgc-refine: interrupted")
+    assert "no output was written except the training checkpoint" in lines[-1]
+    assert str(checkpoint) in lines[-1] and "--resume" in lines[-1]
+    assert listing(out) == ["m.pt.ckpt"]  # exactly what the message says
+
+    # predict refuses the unfinished checkpoint and says what it is
+    refused = run("predict", "--model", checkpoint, "--image", cohort / "sub-01" / "flair.nii.gz",
+                  "-o", tmp_path / "p.nii.gz")
+    assert_one_line_error(refused, "is a training checkpoint (iteration 2 of 3)")
+    assert "--resume" in error_lines(refused)[0]
+
+    resumed = run(*_fit_args(cohort, model), "--checkpoint-every", "1", "--resume", "--threads", "1")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert listing(out) == ["m.json", "m.pt"]  # the finished fit removed its checkpoint
+    assert json.loads((out / "m.json").read_text())["training"]["resumed_from"] == str(checkpoint)
+
+    # the resumed model is the uninterrupted one, bit for bit
+    straight = tmp_path / "straight.pt"
+    assert run(*_fit_args(cohort, straight), "--threads", "1", "-q").exit_code == 0
+    resumed_w, straight_w = _weights(model), _weights(straight)
+    assert resumed_w.keys() == straight_w.keys()
+    assert all(torch.equal(resumed_w[k], straight_w[k]) for k in resumed_w)
+
+
+def test_finished_fit_with_checkpoints_leaves_no_checkpoint(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path / "cohort")
+    model = tmp_path / "m.pt"
+    result = run(*_fit_args(cohort, model), "--checkpoint-every", "1", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert not (tmp_path / "m.pt.ckpt").exists() and model.is_file()
+
+
+def test_resume_without_checkpoint_or_with_another_seed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cohort = _cohort(tmp_path / "cohort")
+    out = tmp_path / "out"
+    out.mkdir()
+    model = out / "m.pt"
+    assert_one_line_error(run(*_fit_args(cohort, model), "--resume"), "no checkpoint")
+    assert listing(out) == []
+    with monkeypatch.context() as patch:
+        _interrupt_at_step(patch, 2)
+        assert run(*_fit_args(cohort, model), "--checkpoint-every", "1").exit_code == 130
+    other_seed = run(*_fit_args(cohort, model), "--resume", "--seed", "4")
+    assert_one_line_error(other_seed, "--seed 3")
+    assert listing(out) == ["m.pt.ckpt"]
+
+
+def test_predict_accepts_a_complete_checkpoint_with_a_warning(subject: dict[str, Path]) -> None:
+    """A checkpoint written at the last iteration holds a finished model: used, and said."""
+    from cgc_refine.io import load_volume
+    from cgc_refine.refiner import Refiner
+
+    volume = load_volume(subject["image"])
+    prior = np.asanyarray(nib.load(str(subject["prior"])).dataobj)
+    checkpoint = subject["out"] / "m.pt.ckpt"
+    config = RefinerConfig.fast(iterations=2, crop_size=(16, 16, 16))
+    Refiner([prior], config=config, device="cpu", random_state=0).fit(
+        [volume], checkpoint_path=checkpoint, checkpoint_every=2)  # the API keeps it
+    assert cli._checkpoint_facts(checkpoint)["complete"]
+    result = run("predict", "--model", checkpoint, "--image", subject["image"],
+                 "-o", subject["out"] / "p.nii.gz")
+    assert result.exit_code == 0, result.stderr
+    assert "training checkpoint of a finished training (iteration 2 of 2)" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 14: progress without a terminal, one summary line per single-subject run
+# --------------------------------------------------------------------------------------------
+
+
+class _FakeClock:
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_log_progress_every_tenth_with_loss_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = cli._LogProgress("training", "iteration", clock=_FakeClock(1.0))  # 1 s per iteration
+    for iteration in range(1, 101):
+        lines.update(iteration, 100, ", loss 0.5000")
+    out = capsys.readouterr().err.splitlines()
+    assert len(out) == 10  # 10 %, 20 %, ..., 100 %
+    assert out[0] == ("cgc-refine: training: iteration 10/100 (10%), loss 0.5000, 9.0 s elapsed, "
+                      "ETA 1 min 30 s")
+    assert out[-1].startswith("cgc-refine: training: iteration 100/100 (100%)")
+    assert "ETA" not in out[-1]
+
+
+def test_log_progress_at_least_every_30_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = cli._LogProgress("training", "iteration", clock=_FakeClock(7.0))  # 7 s per iteration
+    for iteration in range(1, 51):  # a tenth is 100 iterations: only the clock triggers
+        lines.update(iteration, 1000)
+    out = capsys.readouterr().err.splitlines()
+    assert len(out) == 9  # iterations 6, 11, ..., 46: 35 s apart (>= 30 s)
+    assert out[0].startswith("cgc-refine: training: iteration 6/1000 (0%), 35.0 s elapsed, ETA ")
+    # a second self-training round restarts the count and says so
+    lines.update(1, 1000)
+    lines.update(200, 1000)
+    assert "training (round 2): iteration 200/1000 (20%)" in capsys.readouterr().err
+
+
+def test_inference_log_progress_is_time_based_only(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = cli._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(1.0))
+    for done in range(1, 11):
+        lines.update(done, 10)
+    assert capsys.readouterr().err == ""  # 10 s in all: nothing to report
+    slow = cli._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(40.0))
+    slow.update(1, 4)
+    slow.update(2, 4)
+    assert "inference: window 2/4 (50%)" in capsys.readouterr().err
+
+
+def test_duration_text() -> None:
+    assert cli._duration(4.25) == "4.2 s"
+    assert cli._duration(125) == "2 min 05 s"
+    assert cli._duration(3720) == "1 h 02 min"
+
+
+def test_summary_line_text() -> None:
+    assert cli._summary_line(12_500.0, 10_000.0, 166.0) == (
+        "done: lesion volume 12.50 ml (prior 10.00 ml: +2.50 ml, +25%), in 2 min 46 s")
+    assert cli._summary_line(800.0, None, 3.0) == "done: lesion volume 0.80 ml, in 3.0 s"
+
+
+def test_single_subject_without_terminal_logs_progress_and_ends_with_summary(
+    subject: dict[str, Path],
+) -> None:
+    result = run("--prior", subject["prior"], "--image", subject["image"], "-o", subject["out"],
+                 "--brain-mask", subject["brain"], *TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert "cgc-refine: training: iteration 1/1 (100%), loss " in result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    sidecar = json.loads((subject["out"] / SIDECAR_NAME).read_text())
+    lesion_ml = sidecar["lesion"]["volume_mm3"] / 1000.0
+    assert last.startswith(f"done: lesion volume {lesion_ml:.2f} ml (prior ")
+    assert " ml, " in last and "%), in " in last
+    # -q: neither progress lines nor the summary
+    quiet = run("--prior", subject["prior"], "--image", subject["image"], "-o", subject["out"],
+                "--brain-mask", subject["brain"], "--overwrite", "-q", *TRAIN)
+    assert quiet.exit_code == 0 and quiet.stdout == "" and "training:" not in quiet.stderr
+
+
+def test_predict_ends_with_summary(trained_model: dict[str, Path], tmp_path: Path) -> None:
+    result = run("predict", "--model", trained_model["model"], "--image", trained_model["image"],
+                 "-o", tmp_path / "p.nii.gz", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: lesion volume ") and " ml, in " in last
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 2: a prior saved as uint8 0-255, in percent, or in [-1, 1]
+# --------------------------------------------------------------------------------------------
+
+
+def test_uint8_prior_is_read_as_probability_and_said_at_normal_verbosity(
+    subject: dict[str, Path],
+) -> None:
+    prior = np.asanyarray(nib.load(str(subject["prior"])).dataobj).astype(np.float64)
+    affine = nib.load(str(subject["prior"])).affine
+    stored = _write_nifti(subject["image"].parent / "prior_u8.nii.gz",
+                          np.round(prior * 255).astype(np.uint8), affine)
+    result = run("--prior", stored, "--image", subject["image"], "--brain-mask", subject["brain"],
+                 "-o", subject["out"], *TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: " in result.stderr and "inferred from its values: probability-255" in result.stderr
+    assert "prior (read as probability-255): " in result.stdout
+    sidecar = json.loads((subject["out"] / SIDECAR_NAME).read_text())
+    assert sidecar["prior"]["params"]["scale"] == 255.0
+    brain = np.asanyarray(nib.load(str(subject["brain"])).dataobj) > 0
+    assert sidecar["prior"]["foreground_voxels"] == int((prior[brain] >= 0.5).sum())  # not the brain
+
+
+def test_minus_one_to_one_prior_is_refused_with_prior_kind_hint(subject: dict[str, Path]) -> None:
+    prior = np.asanyarray(nib.load(str(subject["prior"])).dataobj).astype(np.float32)
+    signed = _write_nifti(subject["image"].parent / "signed.nii.gz", 2.0 * prior - 1.0,
+                          nib.load(str(subject["prior"])).affine)
+    result = run("--prior", signed, "--image", subject["image"], "-o", subject["out"], *TRAIN)
+    assert_one_line_error(result, "--prior-kind")
+    assert listing(subject["out"]) == []

@@ -215,3 +215,26 @@ def test_saved_model_keeps_its_strides(tmp_path):
     assert loaded.strides_ == refiner.strides_
     np.testing.assert_allclose(loaded.predict_proba(phantom.volume, phantom.brain),
                                refiner.predict_proba(phantom.volume, phantom.brain), atol=1e-6)
+
+
+def test_confidence_blend_by_hand():
+    from cgc_refine.refiner import blend_with_prior
+
+    prior = np.array([0.0, 0.5, 0.75, 1.0], dtype=np.float32)
+    network = np.array([0.9, 0.9, 0.0, 0.2], dtype=np.float32)
+    # c = |2p - 1| = 1, 0, 0.5, 1: the prior where sure, the network where not, a mix between
+    np.testing.assert_allclose(blend_with_prior(network, prior), [0.0, 0.9, 0.375, 1.0])
+
+
+def test_predict_blends_with_the_given_prior():
+    phantom = make_phantom((32, 32, 16), spacing=(1.0, 1.0, 1.0), n_lesions=2, seed=9)
+    prior = phantom.truth.astype(np.float32)
+    config = RefinerConfig(channels=(4, 8), crop_size=(16, 16, 16), iterations=1, batch_size=1, proj_dim=4,
+                           patch_size=(1, 1, 1), log_every=1, tta=1, cleanup="none")
+    refiner = Refiner([prior], prior_kind="probability", config=config, device="cpu").fit(
+        [phantom.volume], brain_masks=[phantom.brain])
+    blended = refiner.predict_proba(phantom.volume, phantom.brain, prior=prior)
+    # a hard prior is certain everywhere: the blend is the prior itself
+    np.testing.assert_allclose(blended, prior, atol=1e-6)
+    plain = refiner.predict_proba(phantom.volume, phantom.brain)
+    np.testing.assert_allclose(plain, refiner.network_probability_)

@@ -326,3 +326,89 @@ def test_cli_truth_on_another_grid_fails_before_training(
     assert result.exit_code == 2, result.stderr
     assert "truth" in result.stderr and "Traceback" not in result.stderr
     assert listing(subject["out"]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# issue 13 item 11: canonical orientation, labelled sides
+# --------------------------------------------------------------------------------------------
+
+
+def _asymmetric_head() -> tuple[np.ndarray, np.ndarray]:
+    """An RAS image whose right-anterior quadrant is bright, with a lesion on the left."""
+    image, _ = blob_volume((20, 16, 8))
+    image[12:, 10:, :] += 0.4  # high x (right), high y (anterior)
+    mask = np.zeros(image.shape, bool)
+    mask[3:7, 5:9, 3:6] = True  # low x: the left hemisphere
+    return image, mask
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    return imread(str(path))
+
+
+def _lps(array: np.ndarray) -> np.ndarray:
+    return array[::-1, ::-1, :].copy()
+
+
+RAS = np.diag([1.0, 1.0, 2.0, 1.0])
+LPS = np.diag([-1.0, -1.0, 2.0, 1.0])
+LPS[:3, 3] = [19.0, 15.0, 0.0]  # the same world positions as RAS's voxels
+
+
+def test_lps_and_ras_inputs_give_the_same_picture(tmp_path: Path) -> None:
+    image, mask = _asymmetric_head()
+    ras = render_montage(image, tmp_path / "ras.png", refined=mask, affine=RAS, slices=[4])
+    lps = render_montage(_lps(image), tmp_path / "lps.png", refined=_lps(mask), affine=LPS,
+                         slices=[4])
+    np.testing.assert_array_equal(_pixels(ras), _pixels(lps))
+    # in raw voxel order (the former behaviour) the two differ: the test can tell
+    raw_ras = render_montage(image, tmp_path / "raw_ras.png", refined=mask, affine=RAS,
+                             slices=[4], orientation="voxel")
+    raw_lps = render_montage(_lps(image), tmp_path / "raw_lps.png", refined=_lps(mask),
+                             affine=LPS, slices=[4], orientation="voxel")
+    assert not np.array_equal(_pixels(raw_ras), _pixels(raw_lps))
+
+
+def test_neurological_panel_has_right_and_anterior_where_expected(tmp_path: Path) -> None:
+    """The bright right-anterior quadrant is drawn top right (neurological), top left
+    (radiological), for an RAS and an LPS file alike."""
+    image, mask = _asymmetric_head()
+    for name, data, affine in (("ras", image, RAS), ("lps", _lps(image), LPS)):
+        for orientation, bright_on_right in (("neurological", True), ("radiological", False)):
+            path = render_montage(data, tmp_path / f"{name}_{orientation}.png", slices=[4],
+                                  affine=affine, orientation=orientation, window=(0.0, 1.5))
+            rgb = _pixels(path)[..., :3]
+            grey = rgb.mean(axis=-1)
+            # the panel: grey pixels of the image (the figure is black, the side letters and
+            # the convention note light blue)
+            rows, cols = np.nonzero((grey > 0.05) & (np.ptp(rgb, axis=-1) < 0.02))
+            panel = grey[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            h, w = panel.shape
+            upper = panel[: h // 3]  # image rows run downwards: the top is anterior
+            left, right = upper[:, : w // 3].mean(), upper[:, -w // 3:].mean()
+            assert (right > left) == bright_on_right, (name, orientation, left, right)
+
+
+def test_side_labels() -> None:
+    from cgc_refine.report import side_labels
+
+    assert side_labels(2) == {"left": "L", "right": "R", "bottom": "P", "top": "A"}
+    assert side_labels(2, "radiological") == {"left": "R", "right": "L", "bottom": "P", "top": "A"}
+    assert side_labels(1, "radiological") == {"left": "R", "right": "L", "bottom": "I", "top": "S"}
+    assert side_labels(0) == side_labels(0, "radiological") == {
+        "left": "P", "right": "A", "bottom": "I", "top": "S"}
+    with pytest.raises(ValueError, match="orientation"):
+        side_labels(2, "upside-down")
+
+
+def test_slices_are_the_input_voxel_indices_and_bad_orientation(tmp_path: Path) -> None:
+    image, mask = _asymmetric_head()
+    flipped_z = np.diag([1.0, 1.0, -2.0, 1.0])  # RAI: the slice axis runs backwards
+    a = render_montage(image, tmp_path / "a.png", refined=mask, affine=flipped_z, slices=[2])
+    b = render_montage(image[:, :, ::-1].copy(), tmp_path / "b.png", refined=mask[:, :, ::-1].copy(),
+                       affine=RAS, slices=[5])  # voxel 2 of 8 reversed is voxel 5
+    assert png_size(a) == png_size(b)
+    with pytest.raises(ValueError, match="orientation"):
+        render_montage(image, tmp_path / "c.png", affine=RAS, orientation="sideways")

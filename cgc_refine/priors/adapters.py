@@ -10,6 +10,10 @@ documented, label-free rule; :func:`as_probability_map` dispatches on ``kind`` a
 kind       rule
 ========== ============================================================================
 probability validated; values within ``tolerance`` of [0, 1] are clipped
+percent    a probability map in percent: divided by 100, then as ``probability``
+probability-255
+           a probability map stored as 0-255 (e.g. ``uint8(round(p * 255))``): divided by
+           255, then as ``probability``
 mask       {0, 1} -> {0, 1}; optionally softened by a Gaussian of ``sigma_mm`` and/or a
            label-smoothing ``confidence``
 labels     chosen labels (default: every non-zero label) -> 1, others -> 0
@@ -51,7 +55,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Kinds accepted by :func:`as_probability_map` (besides ``"auto"``).
-ADAPTER_KINDS = ("probability", "mask", "labels", "logits", "scores")
+ADAPTER_KINDS = ("probability", "percent", "probability-255", "mask", "labels", "logits", "scores")
+
+#: Divisor that brings each scaled probability kind to [0, 1].
+_SCALES = {"probability": 1.0, "percent": 100.0, "probability-255": 255.0}
+
+#: Distance outside [0, 1] (in probability units, after scaling) that ``kind="auto"`` takes
+#: for rounding or interpolation overshoot of a probability map; as ``from_probability``'s
+#: default ``tolerance``.
+AUTO_TOLERANCE = 1e-3
+
+#: At most this many distinct non-negative integers are read as a label map by
+#: ``kind="auto"`` (BraTS uses 4, an aseg-style atlas some 40: too many for a lesion prior).
+AUTO_MAX_LABELS = 16
 
 
 def _as_float_3d(data: Any, what: str) -> np.ndarray:
@@ -71,33 +87,47 @@ def _as_float_3d(data: Any, what: str) -> np.ndarray:
 
 
 def from_probability(
-    data: Any, affine: np.ndarray | None = None, *, tolerance: float = 1e-3
+    data: Any, affine: np.ndarray | None = None, *, tolerance: float = 1e-3, scale: float = 1.0
 ) -> ProbabilityMap:
-    """Validate a probability map.
+    """Validate a probability map (optionally stored scaled, e.g. in percent or as 0-255).
 
     Parameters
     ----------
     data : array_like
-        3-D foreground probabilities.
+        3-D foreground probabilities, times ``scale``.
     affine : numpy.ndarray, optional
         Voxel-to-world matrix.
     tolerance : float
-        Values within this distance outside [0, 1] (interpolation or rounding overshoot)
-        are clipped; values further out are an error.
+        Values within this distance outside [0, 1] (interpolation or rounding overshoot),
+        measured after dividing by ``scale``, are clipped; values further out are an error.
+    scale : float
+        What a probability of 1 is stored as: 1 (default), 100 (percent) or 255 (a byte
+        map such as ``uint8(round(p * 255))``). The data are divided by it.
 
     Raises
     ------
     InvalidPriorError
-        For NaN/Inf or values outside ``[-tolerance, 1 + tolerance]``.
+        For NaN/Inf, a non-positive ``scale``, or values outside
+        ``scale * [-tolerance, 1 + tolerance]``.
     """
+    if not scale > 0:
+        raise InvalidPriorError(f"scale must be positive, got {scale}")
     array = _as_float_3d(data, "probability map")
+    if scale != 1.0:
+        array = (array.astype(np.float64) / scale).astype(np.float32)
     low, high = float(array.min()), float(array.max())
     if low < -tolerance or high > 1.0 + tolerance:
+        stored = "" if scale == 1.0 else f" (after dividing by {scale:g})"
         raise InvalidPriorError(
-            f"a probability prior must lie in [0, 1] but spans [{low:.4g}, {high:.4g}]; if it "
-            "holds anomaly scores or logits, pass kind='scores' or kind='logits'"
+            f"a probability prior must lie in [0, 1] but spans [{low:.4g}, {high:.4g}]{stored}; "
+            "if it holds anomaly scores or logits, pass kind='scores' or kind='logits'"
+            + ("" if scale != 1.0 else "; if it is stored in percent or as 0-255, pass "
+               "kind='percent' or kind='probability-255'")
         )
-    return ProbabilityMap(np.clip(array, 0.0, 1.0), affine, "probability", {"tolerance": tolerance})
+    params: dict[str, Any] = {"tolerance": tolerance}
+    if scale != 1.0:
+        params["scale"] = float(scale)
+    return ProbabilityMap(np.clip(array, 0.0, 1.0), affine, "probability", params)
 
 
 def from_mask(
@@ -283,29 +313,151 @@ def from_scores(
     return ProbabilityMap(probability, affine, "scores", params)
 
 
-def infer_prior_kind(data: Any) -> str:
-    """Guess which adapter a prior array needs.
+_CHOOSE = ("pass --prior-kind (API: kind=...) with probability, percent, probability-255, mask, "
+           "labels, logits or scores to say how to read it")
 
-    Rules, in order: only 0 and 1 -> ``"mask"``; integers with a maximum above 1 and at most
-    255 distinct non-negative values -> ``"labels"``; values in [0, 1] -> ``"probability"``;
-    a median below -2 (most voxels confidently background, as a network's logits are)
-    -> ``"logits"``; anything else -> ``"scores"``.
+
+def _scaled_probability_kind(low: float, high: float) -> str | None:
+    """``"percent"`` or ``"probability-255"`` when [low, high] fits that storage of a
+    probability map that reaches p >= 0.5 somewhere (as an informative prior must)."""
+    for kind in ("percent", "probability-255"):
+        scale = _SCALES[kind]
+        if low >= -AUTO_TOLERANCE * scale and 0.5 * scale <= high <= (1.0 + AUTO_TOLERANCE) * scale:
+            return kind
+    return None
+
+
+def _infer(data: Any) -> tuple[str, str, bool]:
+    """The kind of a prior array, why, and whether the reading is beyond doubt.
+
+    Returns
+    -------
+    kind : str
+        One of :data:`ADAPTER_KINDS`.
+    reason : str
+        The values that decided it, for the log and the sidecar.
+    plain : bool
+        True for exactly {0, 1} (mask) and values within [0, 1] (probability): readings
+        that leave no room for doubt. The others are announced as warnings.
+
+    Raises
+    ------
+    InvalidPriorError
+        For NaN/Inf and for value ranges that fit more than one common encoding.
     """
     array = np.asarray(data)
     sample = array.ravel()[:: max(1, array.size // 2_000_000)]
     if not np.all(np.isfinite(sample)):
         raise InvalidPriorError("the prior holds NaN/Inf values; fill them before using it")
-    values = np.unique(sample)
+    values = np.unique(sample.astype(np.float64, copy=False))
+    if values.size == 0:
+        raise InvalidPriorError("the prior holds no voxel; check the prior file")
+    low, high = float(values[0]), float(values[-1])
+    span = f"values from {low:.4g} to {high:.4g}"
     if values.size <= 2 and set(values.tolist()) <= {0.0, 1.0}:
-        return "mask"
+        return "mask", "only the values 0 and 1", True
+    if low >= 0.0 and high <= 1.0:
+        return "probability", f"{span}, within [0, 1]", True
+    if low >= -AUTO_TOLERANCE and high <= 1.0 + AUTO_TOLERANCE:
+        return ("probability", f"{span}: a probability map with a rounding or interpolation "
+                f"overshoot of at most {AUTO_TOLERANCE:g} outside [0, 1], clipped to [0, 1]", False)
     integer = bool(np.all(values == np.round(values)))
-    if integer and values.min() >= 0 and values.max() > 1 and values.size <= 256:
-        return "labels"
-    if values.min() >= 0.0 and values.max() <= 1.0:
-        return "probability"
-    if float(np.median(sample)) < -2.0:
-        return "logits"
-    return "scores"
+    n_values = int(values.size)
+    if integer and low >= 0.0:
+        listed = ", ".join(f"{v:g}" for v in values)
+        if n_values <= AUTO_MAX_LABELS:
+            return ("labels", f"{n_values} integer values ({listed}): a label map, every non-zero "
+                    "label is lesion; a probability stored as 0-255 or in percent needs "
+                    "--prior-kind probability-255 or percent", False)
+        scaled = _scaled_probability_kind(low, high)
+        if scaled is not None:
+            return (scaled, f"{n_values} distinct integers from {low:g} to {high:g}, too many for "
+                    f"a lesion label map: a probability map stored as 0-{_SCALES[scaled]:g}, "
+                    f"divided by {_SCALES[scaled]:g}; a label map with that many labels needs "
+                    "--prior-kind labels", False)
+        if high <= 255.0:
+            raise InvalidPriorError(
+                f"the prior holds {n_values} distinct integers from {low:g} to {high:g}: too many "
+                "for a lesion label map, and not a probability map stored in percent (maximum "
+                "50-100) or as 0-255 (maximum 128-255); " + _CHOOSE
+            )
+        if n_values <= 256:
+            return "labels", f"{n_values} integer values from {low:g} to {high:g}: a label map", False
+    if low >= 0.0 - AUTO_TOLERANCE * 255.0 and 1.0 < high <= (1.0 + AUTO_TOLERANCE) * 255.0:
+        scaled = _scaled_probability_kind(low, high)
+        if scaled is not None:
+            return (scaled, f"{span}, a maximum between {0.5 * _SCALES[scaled]:g} and "
+                    f"{_SCALES[scaled]:g}: a probability map stored as 0-{_SCALES[scaled]:g}, "
+                    f"divided by {_SCALES[scaled]:g}; anomaly scores in that range need "
+                    "--prior-kind scores", False)
+        if high > 100.0 * (1.0 + AUTO_TOLERANCE):
+            raise InvalidPriorError(
+                f"the prior's {span} fit neither a probability in percent (maximum 50-100) nor "
+                "one stored as 0-255 that reaches 0.5 (maximum 128-255), and are not clearly "
+                "anomaly scores; " + _CHOOSE
+            )
+    if low >= -1.0 - AUTO_TOLERANCE and high <= 1.0 + AUTO_TOLERANCE:
+        raise InvalidPriorError(
+            f"the prior's {span} lie in [-1, 1] but leave [0, 1] by more than rounding "
+            f"({AUTO_TOLERANCE:g}): a probability rescaled to [-1, 1] (a tanh output), one with "
+            "interpolation overshoot, or a signed score, which read very differently; rescale "
+            "((x + 1) / 2) or clip it to [0, 1] before using it, or " + _CHOOSE
+        )
+    median = float(np.median(sample))
+    if median < -2.0:
+        return ("logits", f"{span}, median {median:.3g} < -2: most voxels confidently "
+                "background, as a network's logits", False)
+    return ("scores", f"{span}: anomaly or residual scores (higher = more abnormal), mapped by "
+            "the robust z-score rule", False)
+
+
+def infer_prior_kind(data: Any) -> str:
+    """Guess which adapter a prior array needs.
+
+    Rules, in order (``tol`` = :data:`AUTO_TOLERANCE`):
+
+    1. only 0 and 1 -> ``"mask"``;
+    2. values in [0, 1] -> ``"probability"``; in ``[-tol, 1 + tol]`` -> ``"probability"``
+       with the overshoot clipped;
+    3. non-negative integers: at most :data:`AUTO_MAX_LABELS` distinct values ->
+       ``"labels"`` (BraTS 0, 1, 2, 4); more, with a maximum in [50, 100] ->
+       ``"percent"`` or in [127.5, 255] -> ``"probability-255"`` (``uint8(round(p * 255))``:
+       a lesion prior is not a label map of dozens of labels); other integer maps up to
+       255 are refused as ambiguous; above 255, at most 256 distinct values -> ``"labels"``;
+    4. other non-negative values (``>= -tol * scale``) with a maximum in [50, 100] ->
+       ``"percent"``, in [127.5, 255] -> ``"probability-255"``, in (100, 127.5) -> refused
+       as ambiguous;
+    5. values in [-1, 1] -> refused (a tanh-scaled probability and a signed score cannot be
+       told apart);
+    6. a median below -2 (most voxels confidently background, as a network's logits are)
+       -> ``"logits"``; anything else -> ``"scores"``.
+
+    The scaled readings need a maximum of at least half the scale: a probability map that
+    never reaches p = 0.5 could not be used as a prior anyway.
+
+    Raises
+    ------
+    InvalidPriorError
+        For NaN/Inf, and for the ambiguous ranges above; the message says to choose the kind
+        (``--prior-kind``, API ``kind=``).
+    """
+    return _infer(data)[0]
+
+
+def _auto_kind(data: Any, where: str = "") -> tuple[str, dict[str, Any]]:
+    """Infer the kind of ``data`` and say so: a warning unless the reading is beyond doubt
+    (exactly {0, 1}, or within [0, 1]), which is logged at INFO. Returns the kind and its
+    provenance for ``params``."""
+    kind, reason, plain = _infer(data)
+    prefix = f"'{where}': " if where else ""
+    if plain:
+        logger.info("%sprior kind inferred from its values: %s -- %s", prefix, kind, reason)
+    else:
+        logger.warning(
+            "%sprior kind inferred from its values: %s -- %s; if it was saved otherwise, pass "
+            "--prior-kind (API: kind=...)", prefix, kind, reason,
+        )
+    return kind, {"kind_inferred": kind, "inference": reason}
 
 
 def check_prior_informative(prior: ProbabilityMap, brain_mask: np.ndarray | None = None) -> None:
@@ -349,8 +501,11 @@ def as_probability_map(
         ``reference``'s grid when given); a :class:`ProbabilityMap` is returned unchanged.
     affine : numpy.ndarray, optional
         Voxel-to-world matrix of an array prior.
-    kind : {"auto", "probability", "mask", "labels", "logits", "scores"}
-        Which adapter to apply; ``"auto"`` uses :func:`infer_prior_kind` and logs the result.
+    kind : {"auto", "probability", "percent", "probability-255", "mask", "labels", "logits", "scores"}
+        Which adapter to apply; ``"auto"`` uses :func:`infer_prior_kind` and logs the
+        result (a warning unless the values are exactly {0, 1} or lie within [0, 1]); the
+        reading is recorded in ``params`` (``kind_inferred``, ``inference``). ``"percent"``
+        and ``"probability-255"`` are probability maps stored scaled by 100 and 255.
     brain_mask : numpy.ndarray, optional
         Passed to the ``scores`` adapter.
     spacing : sequence of float, optional
@@ -371,11 +526,11 @@ def as_probability_map(
             spacing = getattr(reference, "spacing", None)
     else:
         array = np.asarray(prior)
+    inferred: dict[str, Any] = {}
     if kind == "auto":
-        kind = infer_prior_kind(array)
-        logger.info("prior kind inferred from its values: %s", kind)
-    if kind == "probability":
-        result = from_probability(array, affine, **options)
+        kind, inferred = _auto_kind(array, os.fspath(prior) if isinstance(prior, (str, os.PathLike)) else "")
+    if kind in _SCALES:
+        result = from_probability(array, affine, scale=_SCALES[kind], **options)
     elif kind == "mask":
         result = from_mask(array, affine, spacing=spacing, **options)
     elif kind == "labels":
@@ -388,6 +543,8 @@ def as_probability_map(
         raise InvalidPriorError(
             f"unknown prior kind {kind!r}; choose one of auto, {', '.join(ADAPTER_KINDS)}"
         )
+    if inferred:
+        result = ProbabilityMap(result.data, result.affine, result.source, {**result.params, **inferred})
     return result
 
 
@@ -402,7 +559,8 @@ class FilePrior:
     path : path
         NIfTI prior (probability, mask, labels, logits or scores).
     kind : str
-        Adapter kind (``"auto"`` infers it from the values).
+        Adapter kind (``"auto"`` infers it from the prior's own values, before any
+        resampling, and logs what it inferred).
     resample : bool
         Resample the prior onto the image grid when the grids differ (linear for continuous
         kinds, nearest for masks and labels; outside the prior's field of view: 0 for
@@ -488,15 +646,15 @@ class FilePrior:
             except CGCRefineError:
                 same = False
             kind = self.kind
-            if kind == "auto":
-                kind = infer_prior_kind(data)
-                logger.info("prior kind inferred from its values: %s", kind)
+            inferred: dict[str, Any] = {}
+            if kind == "auto":  # decided on the prior's own values, before interpolation
+                kind, inferred = _auto_kind(data, path)
             if not same:
                 import nibabel as nib
                 from nibabel.processing import resample_from_to
 
                 order = 0 if kind in ("mask", "labels") else 1
-                fill = 0.0 if kind in ("probability", "mask", "labels") else float(data.min())
+                fill = 0.0 if kind in (*_SCALES, "mask", "labels") else float(data.min())
                 moved = resample_from_to(
                     nib.Nifti1Image(data, affine), (volume.shape, volume.affine),
                     order=order, mode="constant", cval=fill,
@@ -506,6 +664,7 @@ class FilePrior:
                 logger.info("prior resampled onto the image grid (order %d)", order)
             result = as_probability_map(data, volume.affine, kind=kind, brain_mask=brain_mask,
                                         spacing=volume.spacing)
+            result = ProbabilityMap(result.data, result.affine, result.source, {**result.params, **inferred})
         return ProbabilityMap(result.data, result.affine, result.source, {**result.params, "file": record})
 
     def __repr__(self) -> str:
