@@ -17,6 +17,11 @@ Usage::
 
     python benchmarks/refine_recipe.py --source brats --prior gmm [--set '{"rounds": 2}'] [--cases ...]
     python benchmarks/refine_recipe.py --source wmh --prior external --cleanup-only   # seconds per case
+    python benchmarks/refine_recipe.py --source brats --rescore /tmp/brats_gmm   # maps of --save-dir
+
+``--rescore DIR`` scores, from the maps a ``--save-dir`` run saved, the output variants without
+training again: the network alone, network + clean-up, and the ``output_blend`` variants
+(``"confidence"``, and the plain mean of network and cleaned prior) + clean-up.
 """
 
 from __future__ import annotations
@@ -75,6 +80,37 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+def rescore(source: str, folder: Path) -> int:
+    """Score saved maps (see the module docstring); prints a Markdown table."""
+    from cgc_refine.refiner import blend_with_prior
+
+    print(f"# refine_recipe --rescore {folder}: {date.today()}, {platform.node()}, source {source}")
+    print("| case | prior | cleaned prior | network | network + clean-up | mean blend + clean-up "
+          "| confidence blend + clean-up |\n|---|---|---|---|---|---|---|")
+    rows = []
+    for case in dev_cases(source):
+        path = folder / f"{case['name']}_network.npy"
+        if not path.is_file():
+            continue
+        load = lambda tag: np.load(folder / f"{case['name']}_{tag}.npy")  # noqa: E731
+        network, cleaned, prior, truth, brain = (load(t) for t in ("network", "cleaned", "prior", "truth", "brain"))
+        reference = load_volume(str(case["images"][0]))
+
+        def clean(p: np.ndarray) -> np.ndarray:
+            return clean_probability(p, reference.spacing, CleanupSettings(), brain_mask=brain,
+                                     affine=reference.affine).mask > 0
+
+        row = [dice(prior >= 0.5, truth), dice(cleaned >= 0.5, truth), dice(network >= 0.5, truth),
+               dice(clean(network), truth), dice(clean(0.5 * network + 0.5 * cleaned), truth),
+               dice(clean(blend_with_prior(network, cleaned)), truth)]
+        rows.append(row)
+        print(f"| {case['name']} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
+    if rows:
+        table = np.array(rows)
+        print("| **mean** | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(table.mean(0), table.std(0))) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("brats", "raw", "wmh"), default="brats")
@@ -85,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=2, help="modalities used (FLAIR first)")
     parser.add_argument("--save-dir", type=Path, default=None,
                         help="also save each case's prior, cleaned prior and network probability (.npy)")
+    parser.add_argument("--rescore", type=Path, default=None, help="score the maps a --save-dir run saved")
     parser.add_argument("--cleanup-only", action="store_true",
                         help="score the prior and the cleaned prior only (no network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.rescore is not None:
+        return rescore(args.source, args.rescore)
     overrides = json.loads(args.set)
     config = RefinerConfig.fast(**overrides)
     print(f"# refine_recipe: {date.today()}, {platform.node()}, source {args.source}, prior {args.prior}, "
