@@ -118,7 +118,7 @@ class RefinerConfig:
         The refined probability trusts the cleaned prior where it is sure and the network
         where it is not: ``c * prior + (1 - c) * network`` with ``c = |2 prior - 1|``, the
         weights of training (:func:`cgc_refine.refiner.blend_with_prior`); used when the
-        subject's prior is known (single-subject runs, or a built-in prior). Disclosure: added
+        subject's prior is passed to ``predict`` (the single-subject command does). Disclosure: added
         after the dev BraTS run (GMM prior, CPU --fast) scored the network + clean-up at
         0.844 and this blend at 0.852 (benchmarks/RESULTS.md, section 11).
     fallback : bool

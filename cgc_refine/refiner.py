@@ -647,10 +647,10 @@ class Refiner(BaseEstimator):
         brain_mask : path or array, optional
             Restricts the output (0 outside); derived when omitted.
         prior : ProbabilityMap or array, optional
-            This subject's prior. With ``config.output_blend == "confidence"`` the network's
-            probability is blended with the cleaned prior (:func:`blend_with_prior`); without
-            it, a built-in prior given to the constructor is computed for the volume; else the
-            network's probability is returned as it is.
+            This subject's prior (the single-subject job passes the one it trained on). With
+            ``config.output_blend == "confidence"`` the network's probability is blended with
+            the cleaned prior (:func:`blend_with_prior`); without it the network's probability
+            is returned as it is, so a saved and reloaded model predicts the same.
         progress : callable, optional
             ``progress(done, total)`` over the sliding windows.
 
@@ -672,11 +672,7 @@ class Refiner(BaseEstimator):
         probability = np.zeros(subject.shape, dtype=np.float32)
         probability[subject.bbox] = box_prob
         self.network_probability_ = probability
-        if getattr(self.config_, "output_blend", "none") == "none":
-            return probability
-        if prior is None and self._builtin_prior() is not None:
-            prior = self._builtin_prior().compute(loaded, _load_mask(brain_mask, loaded))
-        if prior is None:
+        if prior is None or getattr(self.config_, "output_blend", "none") == "none":
             return probability
         prior_data = np.asarray(getattr(prior, "data", prior), dtype=np.float32)
         if self.config_.cleanup != "none":
