@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import logging
 import math
 import os
 import secrets
@@ -13,7 +15,15 @@ from typing import Any
 
 from .exceptions import CGCRefineError, OutputExistsError, OutputNotWritableError
 
-__all__ = ["atomic_write", "check_writable_target", "jsonable", "overwrite_hint", "overwrite_wording"]
+__all__ = [
+    "OutputSet",
+    "active_output_set",
+    "atomic_write",
+    "check_writable_target",
+    "jsonable",
+    "overwrite_hint",
+    "overwrite_wording",
+]
 
 # How "replace the existing file" is spelled to the caller: the Python keyword by default,
 # the command-line flag while the CLI runs (see :func:`overwrite_wording`).
@@ -134,6 +144,7 @@ def atomic_write(
     """
     check_writable_target(path, overwrite, what=what)
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    kept = False
     try:
         handle: Any
         if binary:
@@ -150,7 +161,12 @@ def atomic_write(
                 f"{what} '{path}' already exists (it appeared while writing); {overwrite_hint()} "
                 "to replace it, or choose another path"
             )
-        os.replace(tmp, path)
+        output_set = _OUTPUT_SET.get()
+        if output_set is not None:  # inside OutputSet.collect(): moved into place on commit
+            output_set.keep(tmp, path)
+            kept = True
+        else:
+            os.replace(tmp, path)
     except CGCRefineError:
         raise
     except PermissionError as exc:
@@ -169,6 +185,243 @@ def atomic_write(
             "(ulimit -f) of the output folder, or choose another output path"
         ) from exc
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if not kept:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Output sets: several files that replace the previous ones together or not at all
+# --------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+try:  # POSIX; elsewhere output sets are committed without a lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+# The output set that writers hand their finished temporary files to (see OutputSet.collect).
+_OUTPUT_SET: contextvars.ContextVar[OutputSet | None] = contextvars.ContextVar(
+    "cgc_refine_output_set", default=None
+)
+
+
+def active_output_set() -> OutputSet | None:
+    """The :class:`OutputSet` collecting files in this context, or None (write in place)."""
+    return _OUTPUT_SET.get()
+
+
+def lock_path_for(path: Path) -> Path:
+    """The hidden lock file guarding output ``path``: ``.<name>.lock`` in the same folder."""
+    return path.parent / f".{path.name}.lock"
+
+
+def _acquire_lock(path: Path) -> int | None:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); returns its descriptor.
+
+    The lock file is removed by :func:`_release_lock`, so a waiter may lock a file that was
+    just unlinked; it then tries again on the current file. Returns None (no lock) where the
+    platform or file system has no ``flock``.
+    """
+    if fcntl is None:
+        return None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            logger.warning("could not create the lock file '%s' (%s); writing without a lock",
+                           path, exc.strerror or exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on some network file systems
+            os.close(fd)
+            logger.warning("could not lock '%s' (%s); writing without a lock", path, exc.strerror or exc)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file meanwhile: lock the current one
+
+
+def _release_lock(path: Path, fd: int | None) -> None:
+    """Remove the lock file ``path`` (still holding it, so no waiter keeps a stale one) and unlock."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(paths: list[Path]) -> Iterator[None]:
+    """Hold the lock file of every path in ``paths`` (in one global order: no deadlock)."""
+    locks = sorted({Path(os.path.abspath(lock_path_for(p))) for p in paths}, key=str)
+    held: list[tuple[Path, int | None]] = []
+    try:
+        for lock in locks:
+            held.append((lock, _acquire_lock(lock)))
+        yield
+    finally:
+        for lock, fd in reversed(held):
+            _release_lock(lock, fd)
+
+
+class OutputSet:
+    """The files of one result, written to hidden temporaries and moved into place together.
+
+    Inside :meth:`collect`, :func:`atomic_write` and the NIfTI writers of :mod:`cgc_refine.io`
+    leave their finished temporary file (in the destination's folder) with the set instead of
+    renaming it. :meth:`commit` then moves every file into place while holding an exclusive
+    lock on each destination (a hidden ``.<name>.lock`` file next to it, removed afterwards),
+    so two commands writing the same outputs at once never mix their files: the set left is
+    one command's. If a move fails, the files already moved are put back, so the previous
+    outputs stay complete; :meth:`discard` removes the temporaries.
+
+    Parameters
+    ----------
+    overwrite : bool
+        Whether existing destinations may be replaced. Without it, a destination that
+        appeared while writing fails the whole commit and nothing is moved.
+    """
+
+    def __init__(self, overwrite: bool) -> None:
+        self.overwrite = overwrite
+        self._files: dict[Path, Path] = {}  # destination -> finished temporary file
+
+    @property
+    def destinations(self) -> list[Path]:
+        """The destinations of the files collected so far, in the order they were written."""
+        return list(self._files)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[OutputSet]:
+        """Within the block, writers hand their files to this set instead of writing in place."""
+        token = _OUTPUT_SET.set(self)
+        try:
+            yield self
+        finally:
+            _OUTPUT_SET.reset(token)
+
+    def keep(self, tmp: Path, dest: Path) -> None:
+        """Take the finished temporary file ``tmp``, to be moved to ``dest`` on commit."""
+        previous = self._files.pop(Path(dest), None)
+        if previous is not None:  # written twice: the later file wins
+            with contextlib.suppress(OSError):
+                previous.unlink()
+        self._files[Path(dest)] = Path(tmp)
+
+    def discard(self) -> None:
+        """Remove every temporary file not yet moved into place."""
+        for tmp in self._files.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._files = {}
+
+    def commit(self) -> list[Path]:
+        """Move every file into place, all or none; returns the destinations.
+
+        Raises
+        ------
+        OutputExistsError
+            Without ``overwrite``, if a destination appeared while writing (nothing is moved).
+        OutputNotWritableError
+            If a file cannot be moved into place; the previous outputs are restored.
+        """
+        files = list(self._files.items())
+        if not files:
+            return []
+        try:
+            with locked([dest for dest, _ in files]):
+                self._move_all(files)
+        finally:
+            self.discard()
+        return [dest for dest, _ in files]
+
+    def _move_all(self, files: list[tuple[Path, Path]]) -> None:
+        if not self.overwrite:
+            for dest, _ in files:
+                if os.path.lexists(dest):
+                    raise OutputExistsError(
+                        f"output '{dest}' already exists (it appeared while writing); "
+                        f"{overwrite_hint()} to replace it, or choose another path"
+                    )
+        moved: list[tuple[Path, Path | None]] = []  # destination, backup of the previous file
+        try:
+            for dest, tmp in files:
+                backup = self._backup(dest)
+                try:
+                    self._place(tmp, dest)
+                except BaseException:
+                    if backup is not None:
+                        self._restore([(dest, backup)])
+                    raise
+                moved.append((dest, backup))
+        except BaseException as exc:
+            self._restore(moved)
+            if isinstance(exc, FileExistsError):
+                raise OutputExistsError(
+                    f"output '{exc.filename}' already exists (it appeared while writing); "
+                    f"{overwrite_hint()} to replace it, or choose another path"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise OutputNotWritableError(
+                    f"could not move the new outputs into place ({exc.strerror or exc}); the "
+                    f"previous outputs were kept: check the folder of '{files[0][0]}' (permissions, "
+                    "free space), or choose another output path"
+                ) from exc
+            raise
+        for _, backup in moved:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+
+    def _place(self, tmp: Path, dest: Path) -> None:
+        """Move ``tmp`` to ``dest``; without ``overwrite`` never replace a file that appeared."""
+        if self.overwrite:
+            os.replace(tmp, dest)
+            return
+        try:
+            os.link(tmp, dest)  # atomic, and fails if dest exists
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here: check, then move
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from None
+            os.replace(tmp, dest)
+
+    @staticmethod
+    def _backup(dest: Path) -> Path | None:
+        """A hidden second name for the file at ``dest`` (if any), to put it back on failure."""
+        if not os.path.lexists(dest):
+            return None
+        backup = dest.parent / f".{dest.name}.old-{secrets.token_hex(6)}"
+        try:
+            os.link(dest, backup, follow_symlinks=False)
+        except OSError:  # no hard links here: move it aside instead
+            os.replace(dest, backup)
+        return backup
+
+    @staticmethod
+    def _restore(moved: list[tuple[Path, Path | None]]) -> None:
+        """Put the previous files back (or remove the new ones that had none), latest first."""
+        for dest, backup in reversed(moved):
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                    # a no-op when both names are links to one file (nothing was moved yet)
+                    with contextlib.suppress(FileNotFoundError):
+                        backup.unlink()
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        dest.unlink()
+            except OSError as exc:
+                logger.error("could not restore '%s' (%s); its previous version is '%s'",
+                             dest, exc.strerror or exc, backup)

@@ -408,28 +408,44 @@ def _dump_json(payload: dict[str, Any]) -> str:
 
 
 class _Transaction:
-    """Outputs of one command: written one by one, all removed again if the command fails."""
+    """Outputs of one command, all or nothing.
+
+    Inside :func:`_transaction` the writers leave hidden temporary files with ``outputs``
+    (a :class:`cgc_refine._utils.OutputSet`); they replace the previous outputs together, under
+    a lock, only once every file is written. ``written`` lists the outputs for the messages.
+    """
 
     def __init__(self, overwrite: bool) -> None:
+        from ._utils import OutputSet
+
         self.overwrite = overwrite
         self.written: list[Path] = []
+        self.outputs = OutputSet(overwrite)
+        self._in_place: list[Path] = []  # written directly by a writer that does not stage
 
     def add(self, path: Path) -> Path:
         self.written.append(Path(path))
+        if Path(path) not in self.outputs.destinations:
+            self._in_place.append(Path(path))
         return Path(path)
 
     def rollback(self) -> None:
-        for path in reversed(self.written):
+        """Remove the temporaries, and any file a writer wrote in place instead of staging it."""
+        self.outputs.discard()
+        for path in reversed(self._in_place):
             with contextlib.suppress(OSError):
                 path.unlink()
-        self.written = []
+        self.written, self._in_place = [], []
 
 
 @contextlib.contextmanager
 def _transaction(overwrite: bool) -> Iterator[_Transaction]:
+    """Collect the outputs written in the block; commit them together when it ends without error."""
     tx = _Transaction(overwrite)
     try:
-        yield tx
+        with tx.outputs.collect():
+            yield tx
+        tx.outputs.commit()  # on failure it restores the previous outputs itself
     except BaseException:
         tx.rollback()
         raise

@@ -12,7 +12,9 @@ fields, but its data type is always set explicitly and the reference's scaling
 (``scl_slope``/``scl_inter``) is reset, so a header copied from an int16 FLAIR never
 quantises or rescales a probability map. Files are written atomically: to a hidden temporary
 file in the destination folder, then moved into place with :func:`os.replace`; an
-interrupted write leaves nothing behind.
+interrupted write leaves nothing behind. Inside :meth:`cgc_refine._utils.OutputSet.collect`
+the finished temporary file is left with the output set instead, which moves all of a
+command's files into place together.
 
 :func:`to_canonical` and :func:`from_canonical` move arrays to and from the closest-RAS axis
 order for code that wants to work in a fixed orientation; the round trip is exact.
@@ -44,7 +46,7 @@ from nibabel.orientations import (
 from nibabel.spatialimages import HeaderDataError, SpatialImage
 from nibabel.volumeutils import native_code
 
-from ._utils import check_writable_target, overwrite_hint
+from ._utils import active_output_set, check_writable_target, overwrite_hint
 from .exceptions import (
     CGCRefineError,
     InvalidImageError,
@@ -988,12 +990,18 @@ def _atomic_save(img: nib.Nifti1Image, path: PathLike, *, overwrite: bool) -> Pa
     assert suffix is not None
     stem = dest.name[: -len(suffix)]
     tmp = dest.parent / f".{stem}.tmp-{secrets.token_hex(6)}{suffix}"
+    output_set = active_output_set()
+    kept = False
     try:
         try:
             nib.save(img, str(tmp))
             _fsync(tmp)
             _verify_written(tmp, img.shape, img.affine, img.get_data_dtype())
-            _commit(tmp, dest, overwrite)
+            if output_set is not None:  # moved into place with the rest of its output set
+                output_set.keep(tmp, dest)
+                kept = True
+            else:
+                _commit(tmp, dest, overwrite)
         except CGCRefineError:
             raise
         except PermissionError as exc:
@@ -1007,7 +1015,8 @@ def _atomic_save(img: nib.Nifti1Image, path: PathLike, *, overwrite: bool) -> Pa
                 "output folder, or choose another output path"
             ) from exc
     finally:
-        _remove_quietly(tmp)
+        if not kept:
+            _remove_quietly(tmp)
     logger.debug("wrote '%s' (shape %s, dtype %s)", dest, img.shape, img.get_data_dtype())
     return dest
 
