@@ -13,6 +13,9 @@ __all__ = ["RefinerConfig", "ConfigError", "LESION_PATTERNS"]
 #: Lesion patterns of the label-free clean-up (:mod:`cgc_refine.cleanup`); ``"none"`` is off.
 LESION_PATTERNS = ("auto", "focal", "multifocal", "none")
 
+#: Per-voxel weightings of the BCE term (:func:`cgc_refine.training.target_weights`).
+TARGET_WEIGHTINGS = ("none", "confidence")
+
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
     try:
@@ -207,8 +210,6 @@ class RefinerConfig:
             raise ConfigError("foreground_oversampling must be in [0, 1]")
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
-        from .training import TARGET_WEIGHTINGS
-
         if self.target_weighting not in TARGET_WEIGHTINGS:
             raise ConfigError(f"target_weighting must be one of {TARGET_WEIGHTINGS}, got {self.target_weighting!r}")
         if self.output_blend not in ("confidence", "none"):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .config import RefinerConfig
+from .config import TARGET_WEIGHTINGS, ConfigError, RefinerConfig
 from .distributed import DistributedContext, rank_seed
 from .model import CGCLoss, CGCUNet
 from .augment import IntensityAugmentation
@@ -45,8 +45,6 @@ __all__ = [
     "TARGET_WEIGHTINGS",
 ]
 
-#: Per-voxel weightings of the BCE term against the pseudo-label (:func:`target_weights`).
-TARGET_WEIGHTINGS = ("none", "confidence")
 
 
 def target_weights(prior: torch.Tensor, weighting: str) -> torch.Tensor | None:
@@ -68,7 +66,7 @@ def target_weights(prior: torch.Tensor, weighting: str) -> torch.Tensor | None:
         return None
     if weighting == "confidence":
         return (2.0 * prior.float() - 1.0).abs()
-    raise ValueError(f"target weighting must be one of {TARGET_WEIGHTINGS}, got {weighting!r}")
+    raise ConfigError(f"target weighting must be one of {TARGET_WEIGHTINGS}, got {weighting!r}")
 
 
 logger = logging.getLogger(__name__)
