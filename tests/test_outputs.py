@@ -254,8 +254,10 @@ def test_concurrent_processes_never_mix_output_sets(tmp_path: Path) -> None:
             barrier.wait(timeout=120)
             assert _assert_consistent(tmp_path) in (100 * attempt + 1, 100 * attempt + 2)
             barrier.wait(timeout=120)
+    except BaseException:
+        barrier.abort()  # a failed check releases the writers at once (only then: aborting after
+        raise            # the last wait could break a writer still leaving it)
     finally:
-        barrier.abort()  # a failed check releases the writers at once
         for worker in workers:
             worker.join(timeout=60)
             if worker.is_alive():
