@@ -1128,12 +1128,15 @@ def _run_single(
     from .cleanup import CleanupSettings, clean_probability
 
     refinement = _refinement_facts(refiner, config, pmap.data, probability, mask, volume, brain)
-    if config.cleanup != "none":
+    # the guard compares with the cleaned prior the output was blended with (the prior itself
+    # when there was no blend or no clean-up)
+    reference = getattr(refiner, "blend_reference_", None)
+    if reference is None and config.cleanup != "none":
         reference = clean_probability(pmap.data, volume.spacing, CleanupSettings(pattern=config.cleanup),
-                                      brain_mask=brain, affine=volume.affine).mask
-    else:
-        reference = (pmap.data >= 0.5).astype(np.uint8)
-    mask, guard_message = refiner.guard(mask, reference)
+                                      brain_mask=brain, affine=volume.affine).probability
+    if reference is None:
+        reference = pmap.data
+    mask, guard_message = refiner.guard(mask, (reference >= 0.5).astype(np.uint8))
     refinement["guard"] = guard_message
 
     n_voxels = int(mask.sum())
@@ -1240,11 +1243,11 @@ def volume_change_warning(prior_voxels: int, refined_voxels: int) -> str | None:
     change is worth a look: in the reduced configuration, refining a strong external
     segmentation of small lesions lost much of it (benchmarks/RESULTS.md, section 7).
     """
-    if prior_voxels <= 0:
+    from .refiner import collapse_warning
+
+    if collapse_warning(prior_voxels, refined_voxels, factor=2.0) is None:
         return None
     ratio = refined_voxels / prior_voxels
-    if 0.5 <= ratio <= 2.0:
-        return None
     return (f"the refined mask holds {refined_voxels} lesion voxels, {100 * ratio:.0f}% of the prior's "
             f"{prior_voxels}; check it against the image (a strong prior, such as another network's "
             "segmentation, can be better than its refinement)")

@@ -27,7 +27,7 @@ from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError
 from .augment import IntensityAugmentation
 from .cleanup import CleanupSettings, clean_probability
 from .inference import sliding_window_predict
-from .model import anisotropic_strides
+from .model import anisotropic_strides, downsample_factors, isotropic_strides
 from .postprocess import remove_small_components
 from .priors import GMMPrior, MumfordShahPrior, ProbabilityMap, as_probability_map, check_prior_informative
 from .training import (
@@ -201,6 +201,9 @@ class Refiner(BaseEstimator):
         mask (1: the copies agree everywhere).
     cleanup_info_ : dict or None
         Set by :meth:`postprocess`: what the clean-up of the output did.
+    network_probability_, blend_reference_ : numpy.ndarray
+        Set by :meth:`predict_proba`: the network's own probability, and the cleaned prior it
+        was blended with (None without a prior).
 
     Notes
     -----
@@ -383,8 +386,7 @@ class Refiner(BaseEstimator):
             state = _read_checkpoint(resume_from)
             strides = state.get("strides", None)
         shapes = [s.image.shape[1:] for s in subjects]
-        network = build_network(config, n_channels, strides=strides)
-        factors = network.downsample_factors
+        factors = downsample_factors(strides if strides is not None else isotropic_strides(n_down))
         crop = effective_crop_size(crop_in_voxels(config.crop_size, spacing), shapes, factors)
         augmentation = IntensityAugmentation() if config.intensity_augmentation else None
         sampler_seed = rank_seed(self.random_state, context.rank) if context.enabled else self.random_state
@@ -561,14 +563,12 @@ class Refiner(BaseEstimator):
         updated, changed, agreement, consistency = [], [], [], []
         for index, subject in enumerate(subjects):
             probability, copies_agreement = self._predict_box(subject)
-            previous = np.asarray(subject.prior[0].cpu() if isinstance(subject.prior, torch.Tensor)
-                                  else subject.prior[0]) >= 0.5
+            previous = _numpy(subject.prior[0]) >= 0.5
             if config.cleanup != "none":
                 cleaned = clean_probability(
                     probability, subject.info.get("spacing", (1.0, 1.0, 1.0)),
                     CleanupSettings(pattern=config.cleanup),
-                    brain_mask=np.asarray(subject.brain[0].cpu() if isinstance(subject.brain, torch.Tensor)
-                                          else subject.brain[0]),
+                    brain_mask=_numpy(subject.brain[0]),
                     affine=subject.info.get("affine"),
                 ).probability
             else:
@@ -615,7 +615,7 @@ class Refiner(BaseEstimator):
             prob = (prob.flip(dims) if dims else prob)[0, 0].numpy()
             copies.append(prob >= self.config_.threshold)
             total = prob if total is None else total + prob
-        brain = np.asarray(subject.brain[0].cpu() if isinstance(subject.brain, torch.Tensor) else subject.brain[0])
+        brain = _numpy(subject.brain[0])
         mean = np.where(brain, total / len(flip_sets), 0.0).astype(np.float32)
         averaged = mean >= self.config_.threshold
         agreement = float(np.mean([_dice(c & brain, averaged) for c in copies]))
@@ -672,14 +672,16 @@ class Refiner(BaseEstimator):
         probability = np.zeros(subject.shape, dtype=np.float32)
         probability[subject.bbox] = box_prob
         self.network_probability_ = probability
+        self.blend_reference_ = None
         if prior is None or getattr(self.config_, "output_blend", "none") == "none":
             return probability
         prior_data = np.asarray(getattr(prior, "data", prior), dtype=np.float32)
         if self.config_.cleanup != "none":
             brain = np.zeros(subject.shape, dtype=bool)
-            brain[subject.bbox] = np.asarray(subject.brain[0].cpu())
+            brain[subject.bbox] = _numpy(subject.brain[0])
             prior_data = clean_probability(prior_data, loaded.spacing, CleanupSettings(pattern=self.config_.cleanup),
                                            brain_mask=brain, affine=loaded.affine).probability
+        self.blend_reference_ = prior_data
         return blend_with_prior(probability, prior_data)
 
     def predict(
@@ -873,6 +875,11 @@ def _check_compatible(state: dict[str, Any], config: RefinerConfig, n_channels: 
             f"the checkpoint was trained on {state['n_channels_in']} channel(s), the data have {n_channels}"
         )
 
+
+
+def _numpy(array: Any) -> np.ndarray:
+    """A tensor (on any device) or an on-disk array as a NumPy array."""
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from sklearn.base import BaseEstimator
 
 from ..exceptions import InvalidPriorError
 from .base import ProbabilityMap, prepare_prior_input
@@ -135,7 +136,7 @@ def outlier_probability(
     return probability, {"n_components_dropped": dropped}
 
 
-class OutlierPrior:
+class OutlierPrior(BaseEstimator):
     """Hyperintensity-outlier prior (see the module docstring), label-free.
 
     Parameters
@@ -177,21 +178,6 @@ class OutlierPrior:
         self.min_size_mm3 = min_size_mm3
         self.bright_channel = bright_channel
         self.modality = modality
-
-    def get_params(self) -> dict[str, Any]:
-        """Constructor parameters, as given."""
-        return {
-            "strictness": self.strictness,
-            "bias_correction": self.bias_correction,
-            "smoothing_mm": self.smoothing_mm,
-            "min_size_mm3": self.min_size_mm3,
-            "bright_channel": self.bright_channel,
-            "modality": self.modality,
-        }
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"OutlierPrior({args})"
 
     def _validate(self) -> None:
         for name in ("strictness", "smoothing_mm", "min_size_mm3"):
