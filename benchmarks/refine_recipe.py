@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +47,7 @@ from cgc_refine.cleanup import CleanupSettings, clean_probability  # noqa: E402
 from cgc_refine.io import load_mask, load_volume  # noqa: E402
 from cgc_refine.priors import ProbabilityMap, as_probability_map, make_prior  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("CGC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def dev_cases(source: str) -> list[dict]:
@@ -111,10 +113,77 @@ def rescore(source: str, folder: Path) -> int:
     return 0
 
 
+def load_case(case: dict, prior_name: str, channels: int) -> dict:
+    """The case's input volume, FLAIR, brain mask, ground truth and built-in or external prior."""
+    volume = load_volume([str(p) for p in case["images"][:channels]])
+    flair = load_volume(str(case["images"][0]))
+    brain = load_mask(case["brain"], reference=volume) if case["brain"] else derive_brain_mask(flair.data)
+    truth = np.asanyarray(__import__("nibabel").load(str(case["truth"])).dataobj) > 0
+    prior = case_prior(case, prior_name, volume, flair, brain)
+    return dict(name=case["name"], volume=volume, brain=brain, truth=truth, prior=prior)
+
+
+def case_prior(case: dict, prior_name: str, volume: Any, flair: Any, brain: np.ndarray) -> ProbabilityMap:
+    """The case's prior: a built-in one, the external network output, or the residual stand-in.
+
+    ``residual`` is the stand-in for a VAE residual map of ``paper_tables.py`` (smoothed robust
+    z-score of the FLAIR) read through the ``scores`` adapter.
+    """
+    if prior_name == "external":
+        # The raw BraTS _pred files lost their affine but lie on the image grid (SOURCES.md).
+        labels = np.asanyarray(__import__("nibabel").load(str(case["external"])).dataobj)
+        return as_probability_map(labels, volume.affine, kind="mask", brain_mask=brain)
+    if prior_name == "residual":
+        from paper_tables import residual_stand_in
+
+        return as_probability_map(residual_stand_in(flair, brain), volume.affine, kind="scores", brain_mask=brain)
+    return make_prior(prior_name).compute(flair, brain)
+
+
+def cohort(args: argparse.Namespace, config: RefinerConfig) -> int:
+    """Table 4 analogue: a transductive cohort fit on all cases, and leave-one-out folds.
+
+    Each fold fits one network on the other cases (their priors as targets) and applies it to
+    the held-out case with that case's own prior (the output blend and clean-up use it, as
+    ``cgc-refine predict --prior`` does); ground truth is read only to score.
+    """
+    cases = [load_case(c, args.prior, args.channels) for c in dev_cases(args.source)
+             if not args.cases or c["name"] in args.cases]
+    print("| case | prior | cleaned prior | cohort (transductive) | leave-one-out | LOO fit s |")
+    print("|---|---|---|---|---|---|")
+
+    def fit(train: list[dict]) -> Refiner:
+        return Refiner([ProbabilityMap(c["prior"].data, c["volume"].affine) for c in train], config=config,
+                       prior_kind="probability", device=args.device, random_state=args.seed).fit(
+            [c["volume"] for c in train], brain_masks=[c["brain"] for c in train])
+
+    def refine(refiner: Refiner, c: dict) -> np.ndarray:
+        probability = refiner.predict_proba(c["volume"], c["brain"], prior=c["prior"])
+        return refiner.postprocess(probability, c["volume"].spacing, affine=c["volume"].affine,
+                                   brain_mask=c["brain"]) > 0
+
+    everyone = fit(cases)
+    rows = []
+    for i, c in enumerate(cases):
+        started = time.perf_counter()
+        held_out = fit(cases[:i] + cases[i + 1:])
+        seconds = time.perf_counter() - started
+        cleaned = clean_probability(c["prior"].data, c["volume"].spacing, CleanupSettings(), brain_mask=c["brain"],
+                                    affine=c["volume"].affine).mask > 0
+        row = [dice(c["prior"].data >= 0.5, c["truth"]), dice(cleaned, c["truth"]),
+               dice(refine(everyone, c), c["truth"]), dice(refine(held_out, c), c["truth"])]
+        rows.append(row)
+        print(f"| {c['name']} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {seconds:.0f} |", flush=True)
+    table = np.array(rows)
+    print("| **mean** | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(table.mean(0), table.std(0))) + " | |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("brats", "raw", "wmh"), default="brats")
-    parser.add_argument("--prior", default="gmm", help="a built-in prior name, or 'external'")
+    parser.add_argument("--prior", default="gmm",
+                        help="a built-in prior name, 'external' (the case's network output) or 'residual'")
     parser.add_argument("--set", default="{}", help="JSON overrides of RefinerConfig.fast()")
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -124,14 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", type=Path, default=None, help="score the maps a --save-dir run saved")
     parser.add_argument("--cleanup-only", action="store_true",
                         help="score the prior and the cleaned prior only (no network)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full configuration (RefinerConfig()) instead of RefinerConfig.fast()")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--cohort", action="store_true",
+                        help="Table 4: one transductive cohort fit on all cases, then leave-one-out folds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.rescore is not None:
         return rescore(args.source, args.rescore)
     overrides = json.loads(args.set)
-    config = RefinerConfig.fast(**overrides)
+    config = RefinerConfig(**overrides) if args.full else RefinerConfig.fast(**overrides)
+    if args.cohort:
+        return cohort(args, config)
     print(f"# refine_recipe: {date.today()}, {platform.node()}, source {args.source}, prior {args.prior}, "
-          f"seed {args.seed}, RefinerConfig.fast(**{overrides})")
+          f"seed {args.seed}, RefinerConfig{'' if args.full else '.fast'}(**{overrides}), device {args.device}, "
+          f"threads {__import__('torch').get_num_threads()}")
     if args.cleanup_only:
         print("| case | prior | cleaned prior | pattern (auto) |\n|---|---|---|---|")
     else:
@@ -145,14 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         flair = load_volume(str(case["images"][0]))
         brain = load_mask(case["brain"], reference=volume) if case["brain"] else derive_brain_mask(flair.data)
         truth = np.asanyarray(__import__("nibabel").load(str(case["truth"])).dataobj) > 0
-        if args.prior == "external":
-            if case["external"] is None:
-                continue
-            # The raw BraTS _pred files lost their affine but lie on the image grid (SOURCES.md).
-            labels = np.asanyarray(__import__("nibabel").load(str(case["external"])).dataobj)
-            prior = as_probability_map(labels, volume.affine, kind="mask", brain_mask=brain)
-        else:
-            prior = make_prior(args.prior).compute(flair, brain)
+        if args.prior == "external" and case["external"] is None:
+            continue
+        prior = case_prior(case, args.prior, volume, flair, brain)
         settings = CleanupSettings(pattern=config.cleanup if config.cleanup != "none" else "auto")
         cleaning = clean_probability(prior.data, volume.spacing, settings, brain_mask=brain, affine=volume.affine)
         cleaned = cleaning.mask
@@ -165,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         started = time.perf_counter()
         refiner = Refiner([ProbabilityMap(prior.data, volume.affine)], config=config, prior_kind="probability",
-                          device="cpu", random_state=args.seed).fit([volume], brain_masks=[brain])
+                          device=args.device, random_state=args.seed).fit([volume], brain_masks=[brain])
         fitted = time.perf_counter()
         probability = refiner.predict_proba(volume, brain, prior=prior)
         network = refiner.network_probability_

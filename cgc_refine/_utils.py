@@ -21,8 +21,11 @@ __all__ = [
     "atomic_write",
     "check_writable_target",
     "jsonable",
+    "move_into_place",
+    "one_line",
     "overwrite_hint",
     "overwrite_wording",
+    "write_text_atomic",
 ]
 
 # How "replace the existing file" is spelled to the caller: the Python keyword by default,
@@ -49,6 +52,15 @@ def overwrite_wording(hint: str) -> Iterator[None]:
         yield
     finally:
         _OVERWRITE_HINT.reset(token)
+
+
+def one_line(text: Any) -> str:
+    """``text`` (or an exception's message) on a single line; an empty message gives the
+    exception's type name."""
+    line = " ".join(str(text).split())
+    if not line and isinstance(text, BaseException):
+        return type(text).__name__
+    return line
 
 
 def jsonable(value: Any, *, strict: bool = False) -> Any:
@@ -166,7 +178,7 @@ def atomic_write(
             output_set.keep(tmp, path)
             kept = True
         else:
-            os.replace(tmp, path)
+            move_into_place(tmp, path, overwrite=overwrite, what=what)
     except CGCRefineError:
         raise
     except PermissionError as exc:
@@ -189,6 +201,57 @@ def atomic_write(
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return path
+
+
+def move_into_place(tmp: Path, dest: Path, *, overwrite: bool, what: str = "output") -> None:
+    """Move a finished temporary file to its destination; the one commit step of every writer.
+
+    With ``overwrite`` an existing ``dest`` is replaced atomically (:func:`os.replace`).
+    Without it an existing file is never replaced, not even one that appeared while writing:
+    ``dest`` is made a hard link to ``tmp`` (atomic, and it fails when ``dest`` exists) and
+    the caller removes ``tmp`` afterwards; on file systems without hard links ``dest`` is
+    checked, then replaced.
+
+    Parameters
+    ----------
+    tmp : pathlib.Path
+        The complete temporary file, in the destination's folder.
+    dest : pathlib.Path
+        The destination.
+    overwrite : bool
+        Whether an existing ``dest`` may be replaced.
+    what : str
+        What the file is, for messages.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``dest`` exists and ``overwrite`` is False.
+    """
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)  # atomic and fails if dest exists: no check-then-act race
+    except FileExistsError as exc:
+        raise OutputExistsError(
+            f"{what} '{dest}' already exists (it appeared while writing); {overwrite_hint()} "
+            "to replace it, or choose another path"
+        ) from exc
+    except OSError:
+        # File systems without hard links: check, then replace.
+        if os.path.lexists(dest):
+            raise OutputExistsError(
+                f"{what} '{dest}' already exists; {overwrite_hint()} to replace it, or "
+                "choose another path"
+            ) from None
+        os.replace(tmp, dest)
+
+
+def write_text_atomic(path: Path, text: str, *, overwrite: bool, what: str = "output") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns ``path``."""
+    return atomic_write(path, lambda handle: handle.write(text), overwrite=overwrite, binary=False,
+                        what=what)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ threshold rule. Perturbing the *image* of every crop, channel by channel, with c
 scanner makes anyway (a gamma curve, a smooth multiplicative bias field, contrast and
 brightness, noise, blur) while keeping the *target* fixed makes that rule useless: the network
 has to explain the pseudo-label by shape and context that survive the perturbation. The
-spatial augmentations (flips) live in :class:`cgc_refine.training.CropSampler`, applied to
+spatial augmentations (flips) live in :class:`cgc_refine.sampling.CropSampler`, applied to
 image, target and mask alike.
 
 Every transform draws from the NumPy generator it is given, so a seeded sampler stays

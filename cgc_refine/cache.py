@@ -1,4 +1,4 @@
-"""An on-disk cache of preprocessed subjects (:class:`~cgc_refine.training.PreparedSubject`).
+"""An on-disk cache of preprocessed subjects (:class:`~cgc_refine.data.PreparedSubject`).
 
 A cohort is preprocessed once: each subject's standardised, brain-cropped channels, prior and
 brain mask are written as ``.npy`` files under ``<root>/<key>/`` and read back as
@@ -42,9 +42,9 @@ import torch
 from ._utils import atomic_write, jsonable
 from .exceptions import CGCRefineError, OutputNotWritableError
 from .priors.base import ProbabilityMap
-from .training import PreparedSubject
+from .data import PreparedSubject
 
-__all__ = ["CACHE_FORMAT", "MappedArray", "SubjectCache"]
+__all__ = ["CACHE_FORMAT", "MappedArray", "SubjectCache", "image_key", "mask_key", "prior_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,54 @@ def _as_numpy(value: Any) -> np.ndarray:
         return value.detach().cpu().numpy()
     return np.asarray(value)
 
+
+
+def image_key(volume: Any) -> Any:
+    """What identifies an image's content for :meth:`SubjectCache.key`: its files, or its data and affine.
+
+    A loaded :class:`~cgc_refine.io.Volume` is keyed by its data (even when it came from
+    files), so that changing its array in memory can never serve a stale entry; paths and
+    arrays are returned as they are.
+    """
+    from .io import Volume
+
+    if isinstance(volume, Volume):
+        return [volume.data, np.asarray(volume.affine, np.float64)]
+    if isinstance(volume, tuple) and len(volume) == 2 and not isinstance(volume[0], (str, os.PathLike)):
+        return [np.asarray(volume[0]), np.asarray(volume[1], np.float64)]
+    return volume
+
+
+def mask_key(mask: Any) -> Any:
+    """What identifies a brain mask for :meth:`SubjectCache.key`: its path, or its values as booleans."""
+    if mask is None or isinstance(mask, (str, os.PathLike)):
+        return mask
+    return np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
+
+
+def prior_key(builtin: Any, prior: Any) -> Any:
+    """What identifies a prior for :meth:`SubjectCache.key` without computing it.
+
+    A prior object (``builtin``, applied to every subject, or ``prior``, this subject's): its
+    class and parameters, with the bytes of any parameter that names an existing file; a
+    prior file: its bytes; an array or map: itself.
+    """
+    recipe_source = builtin if builtin is not None else prior
+    if hasattr(recipe_source, "compute"):
+        params = recipe_source.get_params() if hasattr(recipe_source, "get_params") else {}
+        files, shown = [], {}
+        for name, value in sorted(params.items()):
+            if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+                files.append(Path(value))
+                shown[name] = "<file>"
+            else:
+                shown[name] = value
+        kind = type(recipe_source)
+        return {"class": f"{kind.__module__}.{kind.__qualname__}", "params": jsonable(shown, strict=True),
+                "files": files}
+    if isinstance(prior, (str, os.PathLike)):
+        return {"class": "file", "files": [Path(prior)]}
+    return prior
 
 class MappedArray:
     """A read-only ``.npy`` array on disk, read slice by slice.
@@ -138,7 +186,7 @@ class MappedArray:
 
 
 class SubjectCache:
-    """Content-addressed on-disk store of :class:`~cgc_refine.training.PreparedSubject`.
+    """Content-addressed on-disk store of :class:`~cgc_refine.data.PreparedSubject`.
 
     Parameters
     ----------

@@ -43,8 +43,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from ._validation import check_spacing
 from .config import LESION_PATTERNS
-from .exceptions import CGCRefineError
+from .exceptions import CleanupError
 
 __all__ = [
     "LESION_PATTERNS",
@@ -59,10 +60,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-
-class CleanupError(CGCRefineError, ValueError):
-    """A clean-up setting is out of range."""
 
 
 @dataclass(frozen=True)
@@ -256,9 +253,7 @@ def clean_probability(
     prob = np.clip(np.nan_to_num(np.asarray(probability, dtype=np.float32)), 0.0, 1.0)
     if prob.ndim != 3:
         raise CleanupError(f"clean-up takes one 3-D map, got shape {prob.shape}")
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise CleanupError(f"spacing must be three positive voxel sizes in mm, got {spacing!r}")
+    spacing = check_spacing(spacing, error=CleanupError)
     before = prob >= 0.5
     info: dict[str, Any] = {"pattern_requested": settings.pattern, "settings": asdict(settings),
                             "voxels_before": int(before.sum())}

@@ -1,17 +1,20 @@
 """Compute-device selection, CPU thread count and seeding.
 
-Library code follows the device of the tensors it is given; only the refiner's ``fit`` and
-``load`` resolve a device name, through :func:`resolve_device`. :func:`configure_threads`
+Library code follows the device of the tensors it is given; a device name is resolved in one
+place, :func:`resolve_device`, and :func:`autocast` / :func:`fp32_region` are the one mixed
+precision switch (training, inference and the losses). :func:`configure_threads`
 sets torch's intra-op thread count from the CPU cores this process may actually use (the
 command line calls it for every command); :func:`check_seed` validates a random seed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,14 @@ import torch
 from .exceptions import ConfigError, DeviceUnavailableError
 
 __all__ = [
+    "DeviceLike",
     "MAX_SEED",
+    "autocast",
     "available_cpus",
+    "busy_cpus",
     "check_seed",
     "configure_threads",
+    "fp32_region",
     "resolve_device",
     "seed_everything",
 ]
@@ -34,51 +41,116 @@ logger = logging.getLogger(__name__)
 #: Largest accepted random seed (seeds are integers 0 .. 2**32 - 1, NumPy's legacy range).
 MAX_SEED = 2**32 - 1
 
+#: What a device argument may be: a name (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``) or a
+#: :class:`torch.device`.
+DeviceLike = str | torch.device
+
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PROC_CGROUP = Path("/proc/self/cgroup")
+_PROC_STAT = Path("/proc/stat")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(
+    device: DeviceLike | None = "auto",
+    *,
+    default: torch.device | None = None,
+    invalid: type[Exception] = DeviceUnavailableError,
+) -> torch.device:
     """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` (or a torch.device) into a torch.device.
 
     ``"auto"`` picks the first CUDA GPU when one is present and the CPU otherwise (and logs
     the choice). An explicitly requested CUDA device that is absent is an error rather than
-    a silent fall-back.
+    a silent fall-back. This is the one place a device name is resolved (the refiner, the
+    distributed launcher and the Mumford-Shah prior all call it).
+
+    Parameters
+    ----------
+    device : str, torch.device or None, default "auto"
+        The requested device. None means ``default`` when one is given.
+    default : torch.device, optional
+        What None stands for (e.g. the device of the input tensor).
+    invalid : type of Exception, default DeviceUnavailableError
+        The error raised for a value that is not a CPU or CUDA device name (a prior raises
+        its parameter error, :class:`~cgc_refine.exceptions.InvalidPriorError`, here).
+
+    Returns
+    -------
+    torch.device
 
     Raises
     ------
+    invalid
+        If ``device`` is not a device name torch understands, or names another device type.
     DeviceUnavailableError
         If CUDA (or device ``N``) is requested but not available.
     """
-    if isinstance(device, torch.device):
-        name = str(device)
-    else:
-        name = str(device).strip().lower()
+    if device is None and default is not None:
+        return default
+    if not isinstance(device, str | torch.device):
+        raise invalid(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}"
+        )
+    name = str(device) if isinstance(device, torch.device) else device.strip().lower()
     if name == "auto":
         chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         logger.info("device auto -> %s", chosen)
         return chosen
     try:
         chosen = torch.device(name)
-    except RuntimeError as error:
-        raise DeviceUnavailableError(
-            f"unknown device {device!r}; use auto, cpu, cuda or cuda:N"
-        ) from error
+    except (RuntimeError, TypeError) as error:
+        raise invalid(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if chosen.type not in ("cpu", "cuda"):
+        raise invalid(f"device type {chosen.type!r} is not supported; use auto, cpu or cuda")
     if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                f"device {name!r} was requested but CUDA is not available on this machine; "
-                "use --device cpu (or auto)"
-            )
-        index = chosen.index or 0
-        if index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA "
-                "device(s) exist; pick another index"
-            )
-    elif chosen.type != "cpu":
-        raise DeviceUnavailableError(f"device type {chosen.type!r} is not supported; use cpu or cuda")
+        _check_cuda(chosen, name)
     return chosen
+
+
+def _check_cuda(chosen: torch.device, name: str) -> None:
+    """Raise :class:`DeviceUnavailableError` unless CUDA device ``chosen`` exists."""
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {name!r} was requested but CUDA is not available on this machine; "
+            "use --device cpu (or auto)"
+        )
+    index = chosen.index or 0
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA "
+            "device(s) exist; pick another index"
+        )
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """The mixed-precision context of a forward pass: :func:`torch.autocast` on CUDA.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the forward pass runs. Autocast is only used on CUDA; elsewhere the context does
+        nothing (logged at DEBUG when a ``dtype`` was asked for).
+    dtype : torch.float16, torch.bfloat16 or None
+        The autocast dtype; None switches autocast off.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        logger.debug("autocast_dtype=%s ignored: autocast is only used on CUDA, not %s", dtype, device)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def fp32_region(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Context in which autocast is off on ``device``, so float32 inputs stay float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -240,14 +312,77 @@ def _env_threads() -> int | None:
     return value
 
 
+def _cpu_times(stat: Path = _PROC_STAT) -> dict[int, tuple[int, int]] | None:
+    """Per-core (busy, total) jiffies from ``/proc/stat``; None where it cannot be read."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()) or len(fields) < 4:
+            continue
+        values = [int(v) for v in fields[:8]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        times[int(name[3:])] = (sum(values) - idle, sum(values))
+    return times or None
+
+
+def busy_cpus(interval: float = 0.1) -> float | None:
+    """Cores of this process's affinity set that other processes keep busy, sampled now.
+
+    Reads ``/proc/stat`` twice, ``interval`` seconds apart, while this process sleeps, and
+    sums the busy fraction of each core this process may run on. None where ``/proc/stat`` is
+    unavailable (not Linux).
+    """
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(interval)
+    after = _cpu_times()
+    if after is None:
+        return None
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(after)
+    busy = 0.0
+    for core in allowed:
+        if core in before and core in after:
+            spent = after[core][1] - before[core][1]
+            if spent > 0:
+                busy += (after[core][0] - before[core][0]) / spent
+    return busy
+
+
+def _idle_cores(cpus: int) -> tuple[int, str]:
+    """The default thread count: available cores less those busy with other work, at least 1."""
+    busy = busy_cpus()
+    if busy is None:
+        return cpus, "available cores"
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = cpus
+    count = max(1, min(cpus, math.floor(allowed - busy + 0.5)))
+    if count < cpus:
+        return count, f"{cpus} available cores, {busy:.1f} busy with other processes; --threads fixes the count"
+    return count, "available cores"
+
+
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op CPU thread count and return it.
 
     With ``threads=None`` the count is an explicit ``OMP_NUM_THREADS`` environment variable
     when one is set, and otherwise the number of cores this process may use
-    (:func:`available_cpus`: affinity mask and cgroup quota), never more. Results are
-    bit-identical for one seed and one thread count, not across thread counts, so record the
-    returned value with the results (the command line writes it to every sidecar).
+    (:func:`available_cpus`: affinity mask and cgroup quota) less the cores that other
+    processes keep busy right now (:func:`busy_cpus`), at least 1. Torch's threads wait for
+    each other at every operation, so a thread that shares its core with another program's
+    stalls all of them: on a 2-core machine with one other CPU-heavy process, two threads are
+    several times slower than one. Results are bit-identical for one seed and one thread count,
+    not across thread counts, so record the returned value with the results (the command line
+    writes it to every sidecar) and pass an explicit count (``--threads``) to reproduce a run.
 
     Parameters
     ----------
@@ -273,7 +408,7 @@ def configure_threads(threads: int | None = None) -> int:
         source = "requested"
     else:
         env = _env_threads()
-        count, source = (env, "OMP_NUM_THREADS") if env is not None else (cpus, "available cores")
+        count, source = (env, "OMP_NUM_THREADS") if env is not None else _idle_cores(cpus)
     if count > cpus:
         logger.warning(
             "using %d CPU threads but only %d core(s) are available to this process; "

@@ -10,7 +10,6 @@ too large for GPU memory can still be processed window by window.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import numbers
@@ -21,7 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .exceptions import DeviceUnavailableError, InvalidImageError
+from .device import DeviceLike, autocast
+from .exceptions import DeviceUnavailableError, InvalidImageError, InvalidParameterError
 from .model.geometry import as_factor_triple
 
 __all__ = ["gaussian_importance_map", "sliding_window_predict", "window_starts"]
@@ -35,8 +35,6 @@ IMPORTANCE_FLOOR = 1e-3
 
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
 
-DeviceLike = str | torch.device
-
 
 def _roi_tuple(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
     """Validate a window size and return it as three positive Python ints."""
@@ -48,7 +46,7 @@ def _roi_tuple(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
     except TypeError:
         items = []
     if len(items) != 3 or min(items) <= 0:
-        raise ValueError(
+        raise InvalidParameterError(
             f"roi_size must be three positive integers (or one, used for every axis), "
             f"got {roi_size!r}; pass the patch size the network was trained on, e.g. (64, 64, 64)"
         )
@@ -56,11 +54,12 @@ def _roi_tuple(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 def _check_roi_multiple(roi: tuple[int, int, int], multiple_of: int | Sequence[int]) -> None:
-    """Raise ``ValueError`` unless every axis of ``roi`` is a multiple of its factor."""
+    """Raise :class:`~cgc_refine.exceptions.InvalidParameterError` unless every axis of
+    ``roi`` is a multiple of its factor."""
     factors = as_factor_triple(multiple_of, "multiple_of")
     if any(r % f for r, f in zip(roi, factors, strict=True)):
         fixed = tuple(max(f, (r // f) * f) for r, f in zip(roi, factors, strict=True))
-        raise ValueError(
+        raise InvalidParameterError(
             f"roi_size {roi} is not a multiple of the network's down-sampling factors {factors} "
             f"(per axis X, Y, Z); the network cannot take such a window. Use e.g. {fixed} "
             "(cgc_refine.training.effective_crop_size rounds a size for you)"
@@ -74,7 +73,7 @@ def _check_overlap(overlap: float) -> float:
         or not math.isfinite(overlap)
         or not 0.0 <= overlap < 1.0
     ):
-        raise ValueError(
+        raise InvalidParameterError(
             f"overlap must be a number in [0, 1), got {overlap!r}; "
             "0.5 (half a window) is the usual choice, 0 tiles without overlap"
         )
@@ -88,7 +87,7 @@ def _as_device(value: DeviceLike | None, default: torch.device, name: str) -> to
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(
+        raise InvalidParameterError(
             f"{name}={value!r} is not a device torch understands; use e.g. 'cpu' or 'cuda:0'"
         ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -134,7 +133,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``size`` or ``roi`` is not a positive integer, or ``overlap`` is outside [0, 1).
 
     Examples
@@ -146,7 +145,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     """
     for name, value in (("size", size), ("roi", roi)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
     overlap = _check_overlap(overlap)
     if size <= roi:
         return [0]
@@ -188,7 +187,7 @@ def gaussian_importance_map(
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``roi_size`` is not three positive integers, ``sigma_scale`` is not positive
         and finite, or ``dtype`` is not a floating dtype.
     """
@@ -198,12 +197,12 @@ def gaussian_importance_map(
         isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s > 0
         for s in scales
     ):
-        raise ValueError(
+        raise InvalidParameterError(
             f"sigma_scale must be a positive number (or three), got {sigma_scale!r}; "
             "0.125 (sigma = window/8) is the usual choice"
         )
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}; use torch.float32")
+        raise InvalidParameterError(f"dtype must be a floating dtype, got {dtype}; use torch.float32")
     dev = torch.device("cpu") if device is None else torch.device(device)
 
     weights = torch.ones(roi, dtype=torch.float64)
@@ -216,19 +215,6 @@ def gaussian_importance_map(
     weights = weights / weights.max()
     weights = weights.clamp_min(IMPORTANCE_FLOOR)
     return weights.to(device=dev, dtype=dtype)
-
-
-def _autocast_context(
-    dtype: torch.dtype | None, sw_device: torch.device
-) -> contextlib.AbstractContextManager[object]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    if sw_device.type != "cuda":
-        logger.debug(
-            "autocast_dtype=%s ignored: autocast is only used on CUDA, not %s", dtype, sw_device
-        )
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def sliding_window_predict(
@@ -306,7 +292,7 @@ def sliding_window_predict(
     ------
     InvalidImageError
         If ``inputs`` is not a 5-D tensor with non-empty dimensions.
-    ValueError
+    InvalidParameterError
         If an argument is out of range, ``roi_size`` is not a multiple of ``multiple_of``, or
         the predictor returns a tensor of the wrong shape.
     DeviceUnavailableError
@@ -332,7 +318,7 @@ def sliding_window_predict(
     if min(inputs.shape) == 0:
         raise InvalidImageError(f"inputs has an empty dimension, shape {tuple(inputs.shape)}")
     if not callable(predictor):
-        raise ValueError(
+        raise InvalidParameterError(
             "predictor must be callable (a network or a function), "
             f"got {type(predictor).__name__}"
         )
@@ -341,17 +327,17 @@ def sliding_window_predict(
         _check_roi_multiple(roi, multiple_of)
     overlap = _check_overlap(overlap)
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
+        raise InvalidParameterError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}")
     if mode not in ("gaussian", "constant"):
-        raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
+        raise InvalidParameterError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
     if padding_mode not in ("constant", "replicate"):
-        raise ValueError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
+        raise InvalidParameterError(f"padding_mode must be 'constant' or 'replicate', got {padding_mode!r}")
     if autocast_dtype is not None and autocast_dtype not in _AUTOCAST_DTYPES:
-        raise ValueError(
+        raise InvalidParameterError(
             f"autocast_dtype must be torch.float16, torch.bfloat16 or None, got {autocast_dtype!r}"
         )
     if progress is not None and not callable(progress):
-        raise ValueError(
+        raise InvalidParameterError(
             f"progress must be a callable(done, total) or None, got {type(progress).__name__}"
         )
     sw_dev = _as_device(sw_device, inputs.device, "sw_device")
@@ -372,6 +358,62 @@ def sliding_window_predict(
     return result[(slice(None), slice(None), *crop)].contiguous()
 
 
+def _pad_to_roi(
+    inputs: torch.Tensor, roi: tuple[int, int, int], padding_mode: str
+) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """Pad every axis shorter than the window symmetrically up to it.
+
+    Returns the padded inputs and the slices that crop the padding off again.
+    """
+    spatial = tuple(int(s) for s in inputs.shape[2:])
+    pad_before = [max(r - s, 0) // 2 for s, r in zip(spatial, roi, strict=True)]
+    pad_after = [max(r - s, 0) - b for s, r, b in zip(spatial, roi, pad_before, strict=True)]
+    if any(pad_before) or any(pad_after):
+        # F.pad lists the last axis first.
+        pads = [p for axis in (2, 1, 0) for p in (pad_before[axis], pad_after[axis])]
+        inputs = F.pad(inputs, pads, mode=padding_mode)
+    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial, strict=True))
+    return inputs, crop  # type: ignore[return-value]
+
+
+def _windows(
+    padded: tuple[int, ...], roi: tuple[int, int, int], overlap: float
+) -> list[tuple[slice, slice, slice]]:
+    """The window slices that tile a volume of spatial shape ``padded``."""
+    starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi, strict=True)]
+    return [
+        tuple(slice(st, st + r) for st, r in zip((x, y, z), roi, strict=True))  # type: ignore[misc]
+        for x in starts[0]
+        for y in starts[1]
+        for z in starts[2]
+    ]
+
+
+def _check_prediction(
+    out: object, window_batch: torch.Tensor, roi: tuple[int, int, int],
+    summed: torch.Tensor | None,
+) -> torch.Tensor:
+    """Return the predictor's output after checking it is ``(n, K, *roi)`` with a fixed K."""
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.ndim != 5
+        or out.shape[0] != window_batch.shape[0]
+        or tuple(out.shape[2:]) != roi
+    ):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out)
+        raise InvalidParameterError(
+            f"the predictor must map (n, C, *roi) = {tuple(window_batch.shape)} to "
+            f"(n, K, *roi), but returned {got}; make the network keep the spatial size "
+            "(same padding) and return a single tensor"
+        )
+    if summed is not None and out.shape[1] != summed.shape[1]:
+        raise InvalidParameterError(
+            f"the predictor returned {out.shape[1]} channels after {summed.shape[1]} earlier; "
+            "it must return the same number of channels for every window"
+        )
+    return out
+
+
 def _accumulate(
     inputs: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -387,23 +429,9 @@ def _accumulate(
     autocast_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice, slice]]:
     """Weighted sum of window predictions and sum of weights, on the padded grid."""
-    spatial = tuple(int(s) for s in inputs.shape[2:])
-    pad_before = [max(r - s, 0) // 2 for s, r in zip(spatial, roi, strict=True)]
-    pad_after = [max(r - s, 0) - b for s, r, b in zip(spatial, roi, pad_before, strict=True)]
-    if any(pad_before) or any(pad_after):
-        # F.pad lists the last axis first.
-        pads = [p for axis in (2, 1, 0) for p in (pad_before[axis], pad_after[axis])]
-        inputs = F.pad(inputs, pads, mode=padding_mode)
+    inputs, crop = _pad_to_roi(inputs, roi, padding_mode)
     padded = tuple(int(s) for s in inputs.shape[2:])
-    crop = tuple(slice(b, b + s) for b, s in zip(pad_before, spatial, strict=True))
-
-    starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi, strict=True)]
-    windows = [
-        tuple(slice(st, st + r) for st, r in zip((x, y, z), roi, strict=True))
-        for x in starts[0]
-        for y in starts[1]
-        for z in starts[2]
-    ]
+    windows = _windows(padded, roi, overlap)
     batch = int(inputs.shape[0])
     jobs = [(b, w) for b in range(batch) for w in windows]
     total = len(jobs)
@@ -415,25 +443,12 @@ def _accumulate(
     summed: torch.Tensor | None = None
     importance: torch.Tensor | None = None
     acc_dtype = torch.float32
-    done = 0
     for first in range(0, total, sw_batch_size):
         chunk = jobs[first : first + sw_batch_size]
         window_batch = torch.cat([inputs[b : b + 1, :, sx, sy, sz] for b, (sx, sy, sz) in chunk])
         window_batch = window_batch.to(sw_dev, non_blocking=True)
-        with _autocast_context(autocast_dtype, sw_dev):
-            out = predictor(window_batch)
-        if (
-            not isinstance(out, torch.Tensor)
-            or out.ndim != 5
-            or out.shape[0] != len(chunk)
-            or tuple(out.shape[2:]) != roi
-        ):
-            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out)
-            raise ValueError(
-                f"the predictor must map (n, C, *roi) = {tuple(window_batch.shape)} to "
-                f"(n, K, *roi), but returned {got}; make the network keep the spatial size "
-                "(same padding) and return a single tensor"
-            )
+        with autocast(sw_dev, autocast_dtype):
+            out = _check_prediction(predictor(window_batch), window_batch, roi, summed)
         if summed is None:
             if out.dtype == torch.float64:
                 acc_dtype = torch.float64
@@ -444,23 +459,17 @@ def _accumulate(
                 importance = gaussian_importance_map(
                     roi, sigma_scale, device=out_dev, dtype=acc_dtype
                 )
-        elif out.shape[1] != summed.shape[1]:
-            raise ValueError(
-                f"the predictor returned {out.shape[1]} channels after {summed.shape[1]} earlier; "
-                "it must return the same number of channels for every window"
-            )
         out = out.to(device=out_dev, dtype=acc_dtype)
         if importance is not None:
             out = out * importance
         for i, (b, (sx, sy, sz)) in enumerate(chunk):
             summed[b, :, sx, sy, sz] += out[i]
-        done += len(chunk)
         if progress is not None:
-            progress(done, total)
+            progress(first + len(chunk), total)
 
     assert summed is not None  # at least one window always exists
     weight_sum = torch.zeros((1, 1, *padded), dtype=acc_dtype, device=out_dev)
     window_weight = importance if importance is not None else 1.0
     for sx, sy, sz in windows:
         weight_sum[0, 0, sx, sy, sz] += window_weight
-    return summed, weight_sum, crop  # type: ignore[return-value]
+    return summed, weight_sum, crop

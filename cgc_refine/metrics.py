@@ -74,6 +74,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from ._validation import check_spacing
 from .exceptions import EmptyMaskError, InvalidImageError, SpaceMismatchError
 
 __all__ = [
@@ -154,23 +155,6 @@ def _pair(pred: ArrayLike, truth: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return p, t
 
 
-def _check_spacing(spacing: Sequence[float] | ArrayLike) -> tuple[float, float, float]:
-    """Return ``spacing`` as three positive finite floats or raise :class:`InvalidImageError`."""
-    try:
-        arr = np.asarray(spacing, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidImageError(
-            f"spacing must be three positive numbers (mm per voxel along each axis), "
-            f"got {spacing!r}"
-        ) from exc
-    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise InvalidImageError(
-            f"spacing must be three positive finite numbers (mm per voxel along each axis), "
-            f"got {spacing!r}"
-        )
-    return float(arr[0]), float(arr[1]), float(arr[2])
-
-
 def _check_3d(mask: np.ndarray) -> None:
     """Raise :class:`InvalidImageError` unless ``mask`` is three-dimensional."""
     if mask.ndim != 3:
@@ -209,6 +193,20 @@ def _precision_from_counts(tp: int, fp: int) -> float:
     return math.nan if tp + fp == 0 else tp / (tp + fp)
 
 
+def _overlap_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Dice, sensitivity and precision from voxel counts, empty-mask policy included."""
+    return {
+        "dice": _dice_from_counts(tp, fp, fn),
+        "sensitivity": _sensitivity_from_counts(tp, fn),
+        "precision": _precision_from_counts(tp, fp),
+    }
+
+
+def _overlap(pred: ArrayLike, truth: ArrayLike) -> dict[str, float]:
+    """The overlap metrics of a prediction/truth pair (validated and binarised here)."""
+    return _overlap_from_counts(*_counts(*_pair(pred, truth)))
+
+
 def dice(pred: ArrayLike, truth: ArrayLike) -> float:
     """Dice similarity coefficient ``2TP / (2TP + FP + FN)``.
 
@@ -230,8 +228,7 @@ def dice(pred: ArrayLike, truth: ArrayLike) -> float:
     InvalidImageError
         If a mask holds NaN/Inf or non-numeric values.
     """
-    p, t = _pair(pred, truth)
-    return _dice_from_counts(*_counts(p, t))
+    return _overlap(pred, truth)["dice"]
 
 
 def sensitivity(pred: ArrayLike, truth: ArrayLike) -> float:
@@ -240,7 +237,7 @@ def sensitivity(pred: ArrayLike, truth: ArrayLike) -> float:
     Parameters
     ----------
     pred, truth : array-like
-        Masks of the same shape; values ``> 0`` are foreground.
+        As for :func:`dice`; the ratio is taken over the lesion voxels of ``truth``.
 
     Returns
     -------
@@ -250,14 +247,10 @@ def sensitivity(pred: ArrayLike, truth: ArrayLike) -> float:
 
     Raises
     ------
-    SpaceMismatchError
-        If the shapes differ.
-    InvalidImageError
-        If a mask holds NaN/Inf or non-numeric values.
+    SpaceMismatchError, InvalidImageError
+        As :func:`dice`.
     """
-    p, t = _pair(pred, truth)
-    tp, _, fn = _counts(p, t)
-    return _sensitivity_from_counts(tp, fn)
+    return _overlap(pred, truth)["sensitivity"]
 
 
 def precision(pred: ArrayLike, truth: ArrayLike) -> float:
@@ -266,7 +259,7 @@ def precision(pred: ArrayLike, truth: ArrayLike) -> float:
     Parameters
     ----------
     pred, truth : array-like
-        Masks of the same shape; values ``> 0`` are foreground.
+        As for :func:`dice`. Only the voxels ``pred`` marks enter the ratio.
 
     Returns
     -------
@@ -276,14 +269,10 @@ def precision(pred: ArrayLike, truth: ArrayLike) -> float:
 
     Raises
     ------
-    SpaceMismatchError
-        If the shapes differ.
-    InvalidImageError
-        If a mask holds NaN/Inf or non-numeric values.
+    SpaceMismatchError, InvalidImageError
+        As :func:`sensitivity`, for the same reasons.
     """
-    p, t = _pair(pred, truth)
-    tp, fp, _ = _counts(p, t)
-    return _precision_from_counts(tp, fp)
+    return _overlap(pred, truth)["precision"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +347,7 @@ def _distance_inputs(
     """Validate the inputs of a surface-distance metric."""
     p, t = _pair(pred, truth)
     _check_3d(p)
-    return p, t, _check_spacing(spacing)
+    return p, t, check_spacing(spacing)
 
 
 def _check_hd95_method(method: str) -> str:
@@ -446,22 +435,19 @@ def assd(
 
     Parameters
     ----------
-    pred, truth : array-like
-        3-D masks of the same shape; values ``> 0`` are foreground.
-    spacing : sequence of 3 float
-        Voxel size in millimetres along each array axis (anisotropic spacing is honoured).
+    pred, truth, spacing
+        As for :func:`hd95`.
 
     Returns
     -------
     float
-        The distance in mm; ``0.0`` when both masks are empty, ``inf`` when exactly one is.
+        The mean distance in mm; like :func:`hd95`, ``0.0`` when both masks are empty and
+        ``inf`` when exactly one is.
 
     Raises
     ------
-    SpaceMismatchError
-        If the shapes differ.
-    InvalidImageError
-        If a mask is not 3-D or holds NaN/Inf, or ``spacing`` is not three positive numbers.
+    SpaceMismatchError, InvalidImageError
+        As :func:`hd95`.
     """
     p, t, sp = _distance_inputs(pred, truth, spacing)
     return _distance_metrics(p, t, sp)[1]
@@ -577,22 +563,16 @@ def evaluate(
 
     Raises
     ------
-    SpaceMismatchError
-        If the shapes differ.
-    InvalidImageError
-        If a mask is not 3-D or holds NaN/Inf, or ``spacing`` is not three positive numbers.
+    SpaceMismatchError, InvalidImageError
+        As :func:`hd95` (and :func:`auprc` for ``prob``).
+    ValueError
+        If ``hd95_method`` is not one of :data:`HD95_METHODS`.
     """
     _check_hd95_method(hd95_method)
     p, t, sp = _distance_inputs(pred, truth, spacing)
-    tp, fp, fn = _counts(p, t)
     hd, mean = _distance_metrics(p, t, sp, hd95_method)
-    result: dict[str, float] = {
-        "dice": _dice_from_counts(tp, fp, fn),
-        "sensitivity": _sensitivity_from_counts(tp, fn),
-        "precision": _precision_from_counts(tp, fp),
-        "hd95": hd,
-        "assd": mean,
-    }
+    result = _overlap_from_counts(*_counts(p, t))
+    result.update(hd95=hd, assd=mean)
     if prob is not None:
         result["auprc"] = auprc(prob, t)
     return result

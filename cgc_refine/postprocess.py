@@ -18,6 +18,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from ._validation import as_3d as _as_3d
+from ._validation import check_spacing
 from .exceptions import EmptyMaskError, SpaceMismatchError
 
 __all__ = [
@@ -37,15 +39,7 @@ CONNECTIVITIES = (6, 18, 26)
 # Relative slack when comparing component volumes with a threshold, so that a component of
 # exactly the threshold volume is kept despite floating-point rounding of the spacing.
 _VOLUME_RTOL = 1e-9
-
-
-def _as_3d(array: ArrayLike, name: str) -> np.ndarray:
-    data = np.asarray(array)
-    if data.ndim != 3:
-        raise ValueError(
-            f"{name} must be a 3-D array, got shape {data.shape}; pass one volume at a time"
-        )
-    return data
+_SPACING_HINT = "; take them from the image header (nibabel: img.header.get_zooms()[:3])"
 
 
 def _structure(connectivity: int) -> np.ndarray:
@@ -104,19 +98,6 @@ def threshold(prob: ArrayLike, level: float = 0.5) -> np.ndarray:
     return (data >= level).astype(np.uint8)
 
 
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(
-            f"spacing must be three positive voxel sizes in mm, got {spacing!r}; "
-            "take them from the image header (nibabel: img.header.get_zooms()[:3])"
-        )
-    return values  # type: ignore[return-value]
-
-
 def remove_small_components(
     mask: ArrayLike,
     min_size_mm3: float,
@@ -157,7 +138,7 @@ def remove_small_components(
     3
     """
     data = _as_3d(mask, "mask")
-    voxel_mm3 = float(np.prod(_check_spacing(spacing)))
+    voxel_mm3 = float(np.prod(check_spacing(spacing, hint=_SPACING_HINT)))
     if (
         isinstance(min_size_mm3, bool)
         or not isinstance(min_size_mm3, numbers.Real)

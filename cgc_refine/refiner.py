@@ -3,6 +3,12 @@
 ``Refiner(prior).fit(volumes)`` computes (or adapts) one prior per volume, trains the CGC
 U-Net against those pseudo-labels (no ground truth anywhere), and ``predict_proba`` /
 ``predict`` segment any volume with the trained network by sliding-window inference.
+
+The estimator's parts live beside it: :mod:`cgc_refine.subjects` reads and prepares the
+training subjects, :mod:`cgc_refine.training` runs the training loop,
+:mod:`cgc_refine.refinement` holds the label-free steps around the network (test-time
+augmentation, self-training targets, blending, the collapse guard) and
+:mod:`cgc_refine.checkpoint` the model file's format.
 """
 
 from __future__ import annotations
@@ -18,126 +24,47 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from ._utils import atomic_write, jsonable
-from ._version import __version__
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_state,
+    read_checkpoint,
+    restore_refiner,
+    resume_training,
+    write_checkpoint,
+)
+from .cleanup import CleanupSettings, clean_probability
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
-from .distributed import barrier, is_main_process, rank_seed, setup_distributed
-from .exceptions import CheckpointError, InvalidImageError, InvalidPriorError
-from .augment import IntensityAugmentation
-from .cleanup import CleanupSettings, clean_probability
-from .inference import sliding_window_predict
-from .model import anisotropic_strides, downsample_factors, isotropic_strides
+from .distributed import DistributedContext, is_main_process, setup_distributed
+from .exceptions import CheckpointError, InvalidImageError
+from .io.coercion import as_brain_mask, as_volume
 from .postprocess import remove_small_components
-from .priors import GMMPrior, MumfordShahPrior, ProbabilityMap, as_probability_map, check_prior_informative
+from .priors import ProbabilityMap
+from .refinement import as_numpy, blend_with_prior, collapse_warning, next_targets, predict_box, tta_flips
+from .subjects import SubjectReader, builtin_prior, check_priors, per_volume_priors
 from .training import (
     CropSampler,
     PreparedSubject,
+    TrainingPlan,
     build_network,
-    effective_crop_size,
+    plan_training,
     prepare_subject,
     train_network,
-    with_target,
-    crop_in_voxels,
 )
 
-__all__ = ["Refiner", "CHECKPOINT_FORMAT"]
+__all__ = ["Refiner", "CHECKPOINT_FORMAT", "blend_with_prior", "collapse_warning", "tta_flips"]
 
 logger = logging.getLogger(__name__)
 
-#: Version of the checkpoint layout written by :meth:`Refiner.save`.
-CHECKPOINT_FORMAT = 1
+#: The former private name of :func:`cgc_refine.checkpoint.read_checkpoint`, kept for callers.
+_read_checkpoint = read_checkpoint
 
 
-def _load(volume: Any) -> Any:
-    """A Volume from a path / paths / Volume / array / (array, affine) pair."""
-    from .io import Volume, load_volume
-
-    if isinstance(volume, Volume):
-        return volume
-    if isinstance(volume, (str, os.PathLike)):
-        return load_volume(volume)
-    if isinstance(volume, (list, tuple)) and volume and all(isinstance(v, (str, os.PathLike)) for v in volume):
-        return load_volume(list(volume))
-    if isinstance(volume, tuple) and len(volume) == 2:
-        data, affine = volume
-        return Volume.from_array(np.asarray(data), affine=np.asarray(affine))
-    if isinstance(volume, np.ndarray):
-        return Volume.from_array(volume)
-    raise InvalidImageError(
-        f"cannot read a volume from {type(volume).__name__}; pass a path, a list of paths "
-        "(modalities), a cgc_refine.io.Volume, an array, or an (array, affine) pair"
-    )
-
-
-def _load_mask(mask: Any, volume: Any) -> np.ndarray | None:
-    if mask is None:
-        return None
-    if isinstance(mask, (str, os.PathLike)):
-        from .io import load_mask
-
-        return load_mask(mask, reference=volume)
-    array = np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
-    if array.shape != tuple(volume.shape):
-        from .exceptions import SpaceMismatchError
-
-        raise SpaceMismatchError(f"brain mask shape {array.shape} differs from image shape {tuple(volume.shape)}")
-    return array
-
-
-def _prior_problem(subject: PreparedSubject) -> str | None:
-    """Why the subject's prior cannot teach anything (empty or full in the brain), or None."""
-    try:
-        check_prior_informative(ProbabilityMap(np.asarray(subject.prior[0])),  # type: ignore[index]
-                                np.asarray(subject.brain[0], dtype=bool))
-    except InvalidPriorError as error:
-        return str(error)
-    return None
-
-
-def _image_key(volume: Any) -> Any:
-    """What identifies an image's content for the cache: its files, or its data and affine.
-
-    A loaded Volume is keyed by its data (even when it came from files), so that changing its
-    array in memory can never serve a stale entry.
-    """
-    from .io import Volume
-
-    if isinstance(volume, Volume):
-        return [volume.data, np.asarray(volume.affine, np.float64)]
-    if isinstance(volume, tuple) and len(volume) == 2 and not isinstance(volume[0], (str, os.PathLike)):
-        return [np.asarray(volume[0]), np.asarray(volume[1], np.float64)]
-    return volume
-
-
-def _mask_key(mask: Any) -> Any:
-    if mask is None or isinstance(mask, (str, os.PathLike)):
-        return mask
-    return np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
-
-
-def _prior_key(builtin: Any, prior: Any) -> Any:
-    """What identifies a prior for the cache without computing it.
-
-    A prior object (built-in or per subject): its class and parameters, with the bytes of any
-    parameter that names an existing file; a prior file: its bytes; an array or map: itself.
-    """
-    recipe_source = builtin if builtin is not None else prior
-    if hasattr(recipe_source, "compute"):
-        params = recipe_source.get_params() if hasattr(recipe_source, "get_params") else {}
-        files, shown = [], {}
-        for name, value in sorted(params.items()):
-            if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
-                files.append(Path(value))
-                shown[name] = "<file>"
-            else:
-                shown[name] = value
-        kind = type(recipe_source)
-        return {"class": f"{kind.__module__}.{kind.__qualname__}", "params": jsonable(shown, strict=True),
-                "files": files}
-    if isinstance(prior, (str, os.PathLike)):
-        return {"class": "file", "files": [Path(prior)]}
-    return prior
+def _as_list(volumes: Any) -> list[Any]:
+    """The subjects as a list: a single path, Volume or array is one subject."""
+    if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
+        return [volumes]
+    return list(volumes)
 
 
 class Refiner(BaseEstimator):
@@ -238,43 +165,25 @@ class Refiner(BaseEstimator):
 
     # ------------------------------------------------------------------ priors
     def _builtin_prior(self) -> Any | None:
-        if isinstance(self.prior, str):
-            from .priors import BUILTIN_PRIORS, make_prior
+        """The prior object that computes every volume's prior (None: one prior per volume)."""
+        return builtin_prior(self.prior, self.modality)
 
-            if self.prior in BUILTIN_PRIORS:
-                return make_prior(self.prior, modality=self.modality)
-            raise InvalidPriorError(
-                f"unknown built-in prior {self.prior!r}; use one of {', '.join(BUILTIN_PRIORS)}, "
-                "a prior object, or one prior map per volume"
-            )
-        if hasattr(self.prior, "compute"):
-            return self.prior
-        return None
-
-    def _per_volume_priors(self, builtin: Any, n_volumes: int) -> list[Any]:
-        """One external prior per volume (None each when a built-in prior computes them)."""
-        if builtin is not None:
-            return [None] * n_volumes
-        external = list(self.prior) if isinstance(self.prior, (list, tuple)) else [self.prior]
-        if len(external) != n_volumes:
-            raise InvalidPriorError(
-                f"got {len(external)} prior map(s) for {n_volumes} volume(s); pass one prior per volume"
-            )
-        return external
+    def _reader(self, cleanup: str = "none") -> SubjectReader:
+        """Reads this estimator's subjects (its prior, modality, prior kind and seed)."""
+        return SubjectReader(self._builtin_prior(), self.modality, self.prior_kind, self.random_state, cleanup)
 
     def compute_priors(
         self, volumes: Sequence[Any], brain_masks: Sequence[Any] | None = None
     ) -> list[ProbabilityMap]:
         """The prior of every volume, as probability maps (what :meth:`fit` trains on)."""
-        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
-            volumes = [volumes]
+        volumes = _as_list(volumes)
         masks = [None] * len(volumes) if brain_masks is None else list(brain_masks)
-        builtin = self._builtin_prior()
-        external = self._per_volume_priors(builtin, len(volumes))
+        reader = self._reader()
+        external = per_volume_priors(self.prior, reader.builtin, len(volumes))
         maps = []
         for volume_in, mask_in, prior_in in zip(volumes, masks, external):
-            volume = _load(volume_in)
-            maps.append(self._prior_of(volume, _load_mask(mask_in, volume), builtin, prior_in))
+            volume = as_volume(volume_in)
+            maps.append(reader.prior_of(volume, as_brain_mask(mask_in, volume), prior_in))
         return maps
 
     # --------------------------------------------------------------------- fit
@@ -336,91 +245,88 @@ class Refiner(BaseEstimator):
         """
         config = self._validated()
         context, device = setup_distributed(self.device)
-        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
-            volumes = [volumes]
+        volumes = _as_list(volumes)
         if len(volumes) == 0:
             raise InvalidImageError("fit needs at least one volume")
         masks_in = [None] * len(volumes) if brain_masks is None else list(brain_masks)
         if len(masks_in) != len(volumes):
             raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(volumes)} volumes")
-        builtin = self._builtin_prior()
-        external = self._per_volume_priors(builtin, len(volumes))
         started = time.perf_counter()
+        subjects = self._prepare_subjects(volumes, masks_in, config, context, cache_dir)
+        prior_seconds = time.perf_counter() - started
+        resume = None if resume_from is None else read_checkpoint(resume_from)
+        plan = plan_training(subjects, config, device, context, seed=self.random_state, resume=resume)
+        network = self._fresh_network(plan, config, device)
+        sampler = CropSampler(plan.subjects, plan.crop, config.foreground_oversampling, seed=plan.sampler_seed,
+                              augmentation=plan.augmentation)
+        start = (0, None) if plan.resume is None else resume_training(
+            plan.resume, config, plan.n_channels, network, sampler, distributed=context.enabled)
+        self._set_training_attributes(plan, config, device)
+        if context.is_main:
+            logger.info(
+                "training on %d subject(s), crop %s, %d iterations, device %s%s",
+                len(plan.subjects), plan.crop, config.iterations, device,
+                f", {context.world_size} processes" if context.enabled else "",
+            )
+        totals = self._train_rounds(plan, config, device, context, network, sampler, start,
+                                    checkpoint_path, checkpoint_every)
+        self.n_iter_ = config.iterations
+        self.timings_ = {
+            "priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds,
+            "steps": totals["steps"], "samples": totals["samples"], "world_size": context.world_size,
+            "loop_s": totals["loop_s"], "data_wait_s": totals["data_wait_s"],
+        }
+        return self
+
+    def _prepare_subjects(self, volumes: list[Any], masks_in: list[Any], config: RefinerConfig,
+                          context: DistributedContext, cache_dir: str | os.PathLike[str] | None
+                          ) -> list[PreparedSubject]:
+        """Every training subject prepared (through a cache in ``cache_dir``), priors checked."""
+        reader = self._reader(config.cleanup)
+        external = per_volume_priors(self.prior, reader.builtin, len(volumes))
         cache = None
         if cache_dir is not None:
             from .cache import SubjectCache
 
             cache = SubjectCache(cache_dir)
-        items = list(zip(volumes, masks_in, external))
-        if cache is not None and context.enabled:
-            # Each rank builds its share of the missing entries; then every rank reads them all.
-            for index in range(context.rank, len(items), context.world_size):
-                self._prepare_one(index, *items[index], builtin, cache, config)
-            barrier(context)
-        subjects: list[PreparedSubject] = []
-        for index, item in enumerate(items):
-            subject = self._prepare_one(index, *item, builtin, cache, config)
-            if subjects and subject.image.shape[0] != subjects[0].image.shape[0]:
-                raise InvalidImageError(
-                    "all volumes must have the same number of channels, got "
-                    f"{subjects[0].image.shape[0]} and {subject.image.shape[0]} (subject {index})"
-                )
-            subjects.append(subject)
-        problems = [s.info.get("prior_problem") for s in subjects]
-        for index, problem in enumerate(problems):
-            if problem and len(subjects) == 1:
-                raise InvalidPriorError(problem)
-            if problem and context.is_main:
-                logger.warning("subject %d: %s", index, problem)
-        if all(problems):
-            raise InvalidPriorError("no subject has an informative prior (all empty or full); nothing to learn")
-        n_channels = int(subjects[0].image.shape[0])
-        prior_seconds = time.perf_counter() - started
-        total_bytes = sum(s.nbytes() for s in subjects)
-        if device.type == "cuda" and total_bytes < 4 * 2**30:
-            subjects = [s.to(device) for s in subjects]
-        spacing = tuple(float(v) for v in np.median([s.info.get("spacing", (1.0, 1.0, 1.0)) for s in subjects], axis=0))
-        n_down = len(config.channels) - 1
-        strides = [list(level) for level in anisotropic_strides(spacing, n_down)] if config.anisotropic else None
-        if resume_from is not None:
-            state = _read_checkpoint(resume_from)
-            strides = state.get("strides", None)
-        shapes = [s.image.shape[1:] for s in subjects]
-        factors = downsample_factors(strides if strides is not None else isotropic_strides(n_down))
-        crop = effective_crop_size(crop_in_voxels(config.crop_size, spacing), shapes, factors)
-        augmentation = IntensityAugmentation() if config.intensity_augmentation else None
-        sampler_seed = rank_seed(self.random_state, context.rank) if context.enabled else self.random_state
+        subjects = reader.prepare_all(list(zip(volumes, masks_in, external)), cache, context)
+        check_priors(subjects, context)
+        return subjects
 
-        def fresh_network() -> Any:
-            seed_everything(self.random_state)
-            # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
-            # the layout cuDNN prefers for bf16 on CUDA.
-            return build_network(config, n_channels, strides=strides).to(device).to(
-                memory_format=torch.channels_last_3d)
+    def _fresh_network(self, plan: TrainingPlan, config: RefinerConfig, device: torch.device) -> Any:
+        """A newly initialised network (seeded by ``random_state``) on ``device``, channels-last."""
+        seed_everything(self.random_state)
+        # Channels-last 3-D convolutions are about twice as fast on CPU (measured) and are
+        # the layout cuDNN prefers for bf16 on CUDA.
+        return build_network(config, plan.n_channels, strides=plan.strides).to(device).to(
+            memory_format=torch.channels_last_3d)
 
-        network = fresh_network()
-        sampler = CropSampler(subjects, crop, config.foreground_oversampling, seed=sampler_seed,
-                              augmentation=augmentation)
-        start_iteration, optimizer_state = 0, None
-        if resume_from is not None:
-            _check_compatible(state, config, n_channels)
-            network.load_state_dict(state["state_dict"])
-            start_iteration = int(state.get("n_iter", 0))
-            optimizer_state = state.get("optimizer_state")
-            if state.get("sampler_state") is not None and not context.enabled:
-                sampler.set_state(state["sampler_state"])
-            logger.info("resuming from iteration %d", start_iteration)
-
+    def _set_training_attributes(self, plan: TrainingPlan, config: RefinerConfig, device: torch.device) -> None:
+        """The fitted attributes known before training: configuration, geometry, prior provenance."""
         self.config_ = config
         self.device_ = device
-        self.n_channels_in_ = n_channels
-        self.crop_size_ = crop
-        self.strides_ = strides
-        self.spacing_ = spacing
-        self.target_cleanup_ = [s.info.get("cleanup") for s in subjects]
-        self.window_size_ = self._window(config, crop, shapes, spacing, factors)
+        self.n_channels_in_ = plan.n_channels
+        self.crop_size_ = plan.crop
+        self.strides_ = plan.strides
+        self.spacing_ = plan.spacing
+        self.target_cleanup_ = [s.info.get("cleanup") for s in plan.subjects]
+        self.window_size_ = plan.window
         self.priors_ = [{"source": s.info.get("prior_source"), "params": s.info.get("prior_params", {})}
-                        for s in subjects]
+                        for s in plan.subjects]
+
+    def _train_rounds(
+        self, plan: TrainingPlan, config: RefinerConfig, device: torch.device, context: DistributedContext,
+        network: Any, sampler: CropSampler, start: tuple[int, dict[str, Any] | None],
+        checkpoint_path: str | os.PathLike[str] | None, checkpoint_every: int,
+    ) -> dict[str, Any]:
+        """Train ``config.rounds`` rounds; set ``network_``, ``history_`` and ``rounds_``; return totals.
+
+        Round 1 trains against the priors (from ``start``, a resumed iteration and Adam state);
+        every later round trains a fresh network against the previous round's cleaned,
+        test-time-augmented prediction (:func:`~cgc_refine.refinement.next_targets`).
+        """
+        subjects = plan.subjects
+        start_iteration, optimizer_state = start
 
         def save_checkpoint(iteration: int, optim_state: dict[str, Any]) -> None:
             self.network_ = network
@@ -429,26 +335,20 @@ class Refiner(BaseEstimator):
             self._write(checkpoint_path, overwrite=True, optimizer_state=optim_state,  # type: ignore[arg-type]
                         sampler_state=sampler.state())
 
-        if context.is_main:
-            logger.info(
-                "training on %d subject(s), crop %s, %d iterations, device %s%s",
-                len(subjects), crop, config.iterations, device,
-                f", {context.world_size} processes" if context.enabled else "",
-            )
         self.rounds_ = []
         history: list[dict[str, float]] = []
-        steps = samples = 0
-        loop_s = wait_s = 0.0
+        totals = {"steps": 0, "samples": 0, "loop_s": 0.0, "data_wait_s": 0.0}
         for round_index in range(1, config.rounds + 1):
             if round_index > 1:
                 # Self-training: the next target is this round's cleaned, test-time-augmented
                 # prediction; the next student starts from fresh weights.
                 self.network_ = network
-                subjects, record = self._next_targets(subjects, config, round_index)
+                subjects, record = next_targets(network, subjects, config, round_index, window=plan.window,
+                                                device=device, random_state=self.random_state)
                 self.rounds_.append(record)
-                network = fresh_network()
-                sampler = CropSampler(subjects, crop, config.foreground_oversampling,
-                                      seed=sampler_seed + round_index - 1, augmentation=augmentation)
+                network = self._fresh_network(plan, config, device)
+                sampler = CropSampler(subjects, plan.crop, config.foreground_oversampling,
+                                      seed=plan.sampler_seed + round_index - 1, augmentation=plan.augmentation)
                 start_iteration, optimizer_state = 0, None
             if context.is_main and config.rounds > 1:
                 logger.info("self-training round %d of %d", round_index, config.rounds)
@@ -461,171 +361,19 @@ class Refiner(BaseEstimator):
                 context=context, seed=self.random_state,
             )
             history += [dict(entry, round=float(round_index)) for entry in result.history]
-            steps += result.steps
-            samples += result.samples
-            loop_s += result.elapsed_s
-            wait_s += result.data_wait_s
+            totals["steps"] += result.steps
+            totals["samples"] += result.samples
+            totals["loop_s"] += result.elapsed_s
+            totals["data_wait_s"] += result.data_wait_s
         self.network_ = network
         self.history_ = history
-        self.n_iter_ = config.iterations
-        self.timings_ = {
-            "priors_s": prior_seconds, "train_s": time.perf_counter() - started - prior_seconds,
-            "steps": steps, "samples": samples, "world_size": context.world_size,
-            "loop_s": loop_s, "data_wait_s": wait_s,
-        }
         self._optimizer_state = result.optimizer_state
-        return self
-
-    def _prepare_one(
-        self, index: int, volume_in: Any, mask_in: Any, prior_in: Any, builtin: Any, cache: Any,
-        config: RefinerConfig,
-    ) -> PreparedSubject:
-        """Load, compute the prior of and preprocess subject ``index`` (through the cache)."""
-        seed = self.random_state + index
-
-        def make() -> PreparedSubject:
-            volume = _load(volume_in)
-            for channel, data in enumerate(volume.data):
-                if float(data.min()) == float(data.max()):
-                    where = volume.paths[channel] if volume.paths else f"channel {channel}"
-                    raise InvalidImageError(
-                        f"subject {index}: image {where} is constant: it holds no contrast to "
-                        "segment; check that the right file was passed"
-                    )
-            mask = _load_mask(mask_in, volume)
-            if mask is not None and not mask.any():
-                from .exceptions import EmptyMaskError
-
-                raise EmptyMaskError(
-                    f"subject {index}: the brain mask is empty; pass this image's brain mask or "
-                    "None to derive one"
-                )
-            prior = self._prior_of(volume, mask, builtin, prior_in)
-            cleanup_info = None
-            if config.cleanup != "none":
-                if mask is None:
-                    from .brain import derive_brain_mask
-
-                    mask = derive_brain_mask(volume.data[0] if self.modality == "ct" else volume.data,
-                                             modality=self.modality)
-                cleaned = clean_probability(prior.data, volume.spacing, CleanupSettings(pattern=config.cleanup),
-                                            brain_mask=mask, affine=volume.affine)
-                cleanup_info = cleaned.info
-                prior = type(prior)(cleaned.probability, prior.affine, prior.source, prior.params)
-            subject = prepare_subject(volume, prior, mask, self.modality, seed=seed)
-            subject.info.update(
-                prior_source=prior.source, prior_params=jsonable(prior.params, strict=True),
-                prior_problem=_prior_problem(subject), cleanup=jsonable(cleanup_info),
-                spacing=[float(v) for v in volume.spacing],
-                affine=np.asarray(volume.affine, np.float64).tolist(),
-            )
-            return subject
-
-        if cache is None:
-            return make()
-        key = cache.key(
-            _image_key(volume_in), _prior_key(builtin, prior_in), _mask_key(mask_in),
-            {"modality": self.modality, "seed": seed, "prior_kind": self.prior_kind, "cleanup": config.cleanup},
-        )
-        return cache.get_or_create(key, make)
-
-    def _prior_of(self, volume: Any, mask: np.ndarray | None, builtin: Any, prior_in: Any) -> ProbabilityMap:
-        """One subject's prior as a probability map on the image grid."""
-        if builtin is not None:
-            prob = builtin.compute(volume, mask)
-        elif hasattr(prior_in, "compute"):
-            prob = prior_in.compute(volume, mask)
-        elif isinstance(prior_in, (str, os.PathLike)):
-            prob = as_probability_map(prior_in, kind=self.prior_kind, brain_mask=mask, reference=volume)
-        else:
-            prob = as_probability_map(prior_in, volume.affine, kind=self.prior_kind, brain_mask=mask,
-                                      spacing=volume.spacing)
-        if prob.shape != tuple(volume.shape):
-            from .exceptions import SpaceMismatchError
-
-            raise SpaceMismatchError(
-                f"prior shape {prob.shape} differs from image shape {tuple(volume.shape)}; "
-                "resample the prior onto the image grid"
-            )
-        return prob
-
-    @staticmethod
-    def _window(config: RefinerConfig, crop: tuple[int, int, int], shapes: list[Any],
-                spacing: Sequence[float], factors: Sequence[int]) -> tuple[int, int, int]:
-        if config.inference_window is None:
-            return crop
-        return effective_crop_size(crop_in_voxels(config.inference_window, spacing), shapes, factors)
-
-    def _next_targets(
-        self, subjects: list[PreparedSubject], config: RefinerConfig, round_index: int
-    ) -> tuple[list[PreparedSubject], dict[str, Any]]:
-        """Round ``round_index``'s targets: each subject's cleaned, TTA-averaged prediction."""
-        updated, changed, agreement, consistency = [], [], [], []
-        for index, subject in enumerate(subjects):
-            probability, copies_agreement = self._predict_box(subject)
-            previous = _numpy(subject.prior[0]) >= 0.5
-            if config.cleanup != "none":
-                cleaned = clean_probability(
-                    probability, subject.info.get("spacing", (1.0, 1.0, 1.0)),
-                    CleanupSettings(pattern=config.cleanup),
-                    brain_mask=_numpy(subject.brain[0]),
-                    affine=subject.info.get("affine"),
-                ).probability
-            else:
-                cleaned = probability
-            new = cleaned >= 0.5
-            changed.append(int((new != previous).sum()))
-            agreement.append(_dice(new, previous))
-            consistency.append(copies_agreement)
-            target = torch.from_numpy(np.ascontiguousarray(cleaned, dtype=np.float32))[None]
-            if isinstance(subject.image, torch.Tensor):
-                target = target.to(subject.image.device)
-            updated.append(with_target(subject, target, seed=self.random_state + index))
-        record = {"round": round_index, "voxels_changed": changed, "dice_with_previous_target": agreement,
-                  "tta_agreement": consistency}
-        logger.info("round %d targets: %s voxels changed, Dice with the previous target %s, TTA agreement %s",
-                    round_index, changed, [round(a, 3) for a in agreement], [round(c, 3) for c in consistency])
-        return updated, record
-
-    def _predict_box(self, subject: PreparedSubject, progress: Callable[[int, int], None] | None = None
-                     ) -> tuple[np.ndarray, float]:
-        """TTA-averaged probability inside the subject's box, and the agreement of the copies.
-
-        The agreement is the mean Dice between each flipped copy's mask and the averaged mask
-        (1: every copy says the same; a label-free measure of how stable the output is).
-        """
-        network = self.network_
-        network.eval()
-        image = subject.image if isinstance(subject.image, torch.Tensor) else torch.from_numpy(
-            np.asarray(subject.image[(slice(None),)]))
-        inputs = image[None].to(self.device_).contiguous(memory_format=torch.channels_last_3d)
-        autocast = torch.bfloat16 if (self.device_.type == "cuda" and self.config_.amp) else None
-        flip_sets = tta_flips(getattr(self.config_, "tta", 1))
-        total, copies = None, []
-        for flips in flip_sets:
-            dims = [axis + 2 for axis in flips]
-            flipped = inputs.flip(dims) if dims else inputs
-            logits = sliding_window_predict(
-                flipped, network, self.window_size_, overlap=self.config_.overlap,
-                sw_batch_size=self.config_.sw_batch_size, mode="gaussian",
-                sw_device=self.device_, device=torch.device("cpu"), progress=progress,
-                autocast_dtype=autocast,
-            )
-            prob = torch.sigmoid(logits.float())
-            prob = (prob.flip(dims) if dims else prob)[0, 0].numpy()
-            copies.append(prob >= self.config_.threshold)
-            total = prob if total is None else total + prob
-        brain = _numpy(subject.brain[0])
-        mean = np.where(brain, total / len(flip_sets), 0.0).astype(np.float32)
-        averaged = mean >= self.config_.threshold
-        agreement = float(np.mean([_dice(c & brain, averaged) for c in copies]))
-        return mean, agreement
+        return totals
 
     def fit_predict(self, volumes: Any, y: None = None, *, brain_masks: Sequence[Any] | None = None) -> list[np.ndarray]:
         """Fit on ``volumes`` and return the refined mask of each."""
         self.fit(volumes, brain_masks=brain_masks)
-        if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):
-            volumes = [volumes]
+        volumes = _as_list(volumes)
         masks = [None] * len(volumes) if brain_masks is None else list(brain_masks)
         return [self.predict(v, brain_mask=m) for v, m in zip(volumes, masks)]
 
@@ -660,14 +408,15 @@ class Refiner(BaseEstimator):
             float32 in [0, 1], shape of the volume.
         """
         check_is_fitted(self, "network_")
-        loaded = _load(volume)
+        loaded = as_volume(volume)
         if loaded.n_channels != self.n_channels_in_:
             raise CheckpointError(
                 f"the model was trained on {self.n_channels_in_} channel(s) but the image has "
                 f"{loaded.n_channels}; pass the same modalities, in the same order"
             )
-        subject = prepare_subject(loaded, None, _load_mask(brain_mask, loaded), self.modality)
-        box_prob, agreement = self._predict_box(subject, progress)
+        subject = prepare_subject(loaded, None, as_brain_mask(brain_mask, loaded), self.modality)
+        box_prob, agreement = predict_box(self.network_, subject, self.config_, self.window_size_, self.device_,
+                                          progress)
         self.tta_agreement_ = agreement
         probability = np.zeros(subject.shape, dtype=np.float32)
         probability[subject.bbox] = box_prob
@@ -678,7 +427,7 @@ class Refiner(BaseEstimator):
         prior_data = np.asarray(getattr(prior, "data", prior), dtype=np.float32)
         if self.config_.cleanup != "none":
             brain = np.zeros(subject.shape, dtype=bool)
-            brain[subject.bbox] = _numpy(subject.brain[0])
+            brain[subject.bbox] = as_numpy(subject.brain[0])
             prior_data = clean_probability(prior_data, loaded.spacing, CleanupSettings(pattern=self.config_.cleanup),
                                            brain_mask=brain, affine=loaded.affine).probability
         self.blend_reference_ = prior_data
@@ -700,8 +449,8 @@ class Refiner(BaseEstimator):
         the configuration's.
         """
         check_is_fitted(self, "network_")
-        loaded = _load(volume)
-        mask_array = _load_mask(brain_mask, loaded)
+        loaded = as_volume(volume)
+        mask_array = as_brain_mask(brain_mask, loaded)
         probability = self.predict_proba(loaded, mask_array, prior=prior, progress=progress)
         return self.postprocess(probability, loaded.spacing, threshold=threshold, min_size_mm3=min_size_mm3,
                                 affine=loaded.affine, brain_mask=mask_array)
@@ -785,34 +534,16 @@ class Refiner(BaseEstimator):
             return Path(path)
         return self._write(path, overwrite=overwrite)
 
+
     def _write(self, path: str | os.PathLike[str], *, overwrite: bool, optimizer_state: Any = None,
                sampler_state: Any = None) -> Path:
-        target = Path(path)
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "cgc_refine_version": __version__,
-            "config": self.config_.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.network_.state_dict().items()},
-            "n_channels_in": int(self.n_channels_in_),
-            "strides": getattr(self, "strides_", None),
-            "spacing": list(getattr(self, "spacing_", (1.0, 1.0, 1.0))),
-            "crop_size": list(self.crop_size_),
-            "window_size": list(self.window_size_),
-            "modality": self.modality,
-            "random_state": int(self.random_state),
-            "n_iter": int(self.n_iter_),
-            "priors": jsonable(self.priors_),
-            "history": jsonable(self.history_),
-            "optimizer_state": optimizer_state,
-            "sampler_state": jsonable(sampler_state),
-        }
-        atomic_write(target, lambda handle: torch.save(state, handle), overwrite=overwrite, binary=True,
-                     what="model", error=CheckpointError)
-        return target
+        """Write this fitted estimator (and, in periodic checkpoints, the training state) to ``path``."""
+        state = checkpoint_state(self, optimizer_state=optimizer_state, sampler_state=sampler_state)
+        return write_checkpoint(path, state, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str = "auto") -> "Refiner":
-        """Read a model written by :meth:`save`.
+        """Read a model written by :meth:`save` (format: :mod:`cgc_refine.checkpoint`).
 
         Raises
         ------
@@ -820,106 +551,4 @@ class Refiner(BaseEstimator):
             If the file is missing, corrupted, or not a cgc_refine model.
         """
         resolved = resolve_device(device)
-        state = _read_checkpoint(path)
-        try:
-            config = RefinerConfig.from_dict(state["config"])
-            refiner = cls(prior=None, config=config, modality=state["modality"], device=device,
-                          random_state=int(state["random_state"]))
-            network = build_network(config, int(state["n_channels_in"]), strides=state.get("strides"))
-            network.load_state_dict(state["state_dict"])
-        except (KeyError, TypeError, RuntimeError, ValueError) as error:
-            raise CheckpointError(f"{path} is not a usable cgc_refine model ({error}); retrain or re-save it") from None
-        refiner.network_ = network.to(resolved).to(memory_format=torch.channels_last_3d).eval()
-        refiner.config_ = config
-        refiner.device_ = resolved
-        refiner.n_channels_in_ = int(state["n_channels_in"])
-        refiner.strides_ = state.get("strides")
-        refiner.spacing_ = tuple(state.get("spacing", (1.0, 1.0, 1.0)))
-        refiner.crop_size_ = tuple(state["crop_size"])
-        refiner.window_size_ = tuple(state.get("window_size", state["crop_size"]))
-        refiner.n_iter_ = int(state["n_iter"])
-        refiner.priors_ = state.get("priors", [])
-        refiner.history_ = state.get("history", [])
-        return refiner
-
-
-def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    target = Path(path)
-    if not target.is_file():
-        raise CheckpointError(f"model file {target} does not exist; check the path")
-    try:
-        state = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(
-            f"{target} cannot be read as a cgc_refine model ({type(error).__name__}); the file is "
-            "corrupted or not a model written by cgc-refine"
-        ) from None
-    if not isinstance(state, dict) or "state_dict" not in state or "config" not in state:
-        raise CheckpointError(f"{target} is not a cgc_refine model (missing weights or configuration)")
-    if int(state.get("format", -1)) > CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{target} was written by a newer cgc_refine (format {state.get('format')}); upgrade cgc_refine"
-        )
-    return state
-
-
-def _check_compatible(state: dict[str, Any], config: RefinerConfig, n_channels: int) -> None:
-    saved = RefinerConfig.from_dict(state["config"])
-    architecture = ("channels", "norm", "use_coarse", "use_fine", "patch_size", "proj_dim")
-    if any(getattr(saved, name) != getattr(config, name) for name in architecture):
-        raise CheckpointError("the checkpoint's network settings differ from this configuration; resume with the same config")
-    if state.get("strides") is not None and config.anisotropic is False:
-        raise CheckpointError("the checkpoint's network is anisotropic; resume with anisotropic=True")
-    if int(state["n_channels_in"]) != n_channels:
-        raise CheckpointError(
-            f"the checkpoint was trained on {state['n_channels_in']} channel(s), the data have {n_channels}"
-        )
-
-
-
-def _numpy(array: Any) -> np.ndarray:
-    """A tensor (on any device) or an on-disk array as a NumPy array."""
-    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1.0 when both are empty)."""
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
-def tta_flips(copies: int) -> list[tuple[int, ...]]:
-    """The axis flips of ``copies`` test-time-augmented passes (1, 2, 4 or 8).
-
-    2 adds the flip of the first axis (left-right in RAS/LPS scans, the brain's mirror
-    axis), 4 the flips of the first two axes, 8 every combination of the three.
-    """
-    axes = {1: (), 2: (0,), 4: (0, 1), 8: (0, 1, 2)}[int(copies)]
-    sets: list[tuple[int, ...]] = [()]
-    for axis in axes:
-        sets += [flips + (axis,) for flips in sets]
-    return sets
-
-
-def collapse_warning(prior_voxels: int, refined_voxels: int, factor: float = 3.0) -> str | None:
-    """A warning when the refined volume is under ``1/factor`` or over ``factor`` times the prior's."""
-    if prior_voxels == 0:
-        return None
-    ratio = refined_voxels / prior_voxels
-    if ratio < 1.0 / factor or ratio > factor:
-        return (f"the refined mask holds {refined_voxels} voxels, {ratio:.2f} times the prior's {prior_voxels}: "
-                "training did not refine this prior")
-    return None
-
-
-def blend_with_prior(network: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """Trust the (cleaned) prior where it is sure, the network where it is not.
-
-    ``p = c * prior + (1 - c) * network`` with ``c = |2 prior - 1|``, the same confidence that
-    weights the BCE term in training (:func:`cgc_refine.training.target_weights`): the network
-    learned from the voxels the prior was sure of, and decides the ones it was not. A hard
-    (0/1) prior is returned unchanged -- it states no uncertainty for the network to resolve;
-    soften it first (``from_mask(sigma_mm=...)``) to let the network move its boundary.
-    """
-    confidence = np.abs(2.0 * prior - 1.0)
-    return np.clip(confidence * prior + (1.0 - confidence) * network, 0.0, 1.0).astype(np.float32)
+        return restore_refiner(cls, read_checkpoint(path), path, device, resolved)

@@ -165,9 +165,9 @@ def test_refiner_fit_with_cache_dir_twice(data, monkeypatch):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    import cgc_refine.refiner as refiner_module
+    import cgc_refine.subjects as subjects_module
 
-    monkeypatch.setattr(refiner_module, "prepare_subject", counting)
+    monkeypatch.setattr(subjects_module, "prepare_subject", counting)
     cache_dir = data["tmp"] / "cache"
     prior = data["prior"]
 
@@ -236,12 +236,12 @@ def test_fit_rerun_with_builtin_prior_skips_the_prior_too(data, monkeypatch):
 
 
 def test_prior_file_content_keys_the_entry(data):
-    from cgc_refine.refiner import _prior_key
+    from cgc_refine.cache import prior_key
 
     prior_path = save_array(data["prior"].data, data["phantom"].volume, data["tmp"] / "p.nii.gz", np.float32)
     copy = data["tmp"] / "copy.nii.gz"
     copy.write_bytes(prior_path.read_bytes())
-    key = lambda p: SubjectCache.key([data["path"]], _prior_key(None, p), None, {})  # noqa: E731
+    key = lambda p: SubjectCache.key([data["path"]], prior_key(None, p), None, {})  # noqa: E731
     assert key(prior_path) == key(copy)
     bumped = data["prior"].data.copy()
     bumped[3, 3, 3] = 0.7
@@ -250,10 +250,10 @@ def test_prior_file_content_keys_the_entry(data):
 
 
 def test_loaded_volume_is_keyed_by_its_data(data):
-    from cgc_refine.refiner import _image_key
+    from cgc_refine.cache import image_key
 
     volume = load_volume(data["path"])
-    key = lambda v: SubjectCache.key(_image_key(v), data["prior"], None, {})  # noqa: E731
+    key = lambda v: SubjectCache.key(image_key(v), data["prior"], None, {})  # noqa: E731
     before = key(volume)
     assert before == key(load_volume(data["path"]))
     volume.data[0, 5, 5, 5] += 1.0  # changed in memory after loading from the file

@@ -25,6 +25,7 @@ from cgc_refine.config import RefinerConfig
 from cgc_refine.io import save_array, save_mask
 from cgc_refine.metrics import evaluate
 from cgc_refine.phantom import make_phantom, noisy_prior
+from cgc_refine.workflow.models import checkpoint_facts
 
 SHAPE = (32, 32, 16)
 CROP = ["--crop-size", "16", "16", "16"]  # hidden option: tiny training crops keep tests fast
@@ -156,7 +157,7 @@ def test_help_does_not_import_heavy_modules() -> None:
         assert not heavy, heavy
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[2])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=60)
     assert done.returncode == 0, done.stderr
@@ -243,7 +244,7 @@ def test_single_subject_default_output_next_to_image(subject: dict[str, Path]) -
 def test_single_subject_oblique_external_prior_into_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)  # exercise the progress bars
+    monkeypatch.setattr(cli.console, "_stderr_is_tty", lambda: True)  # exercise the progress bars
     files = write_subject(tmp_path / "in", oblique_affine())
     out = tmp_path / "out"
     out.mkdir()
@@ -1029,6 +1030,23 @@ def test_prior_command_cleanup(subject: dict[str, Path]) -> None:
     assert int((values >= 0.5).sum()) == sidecar["prior"]["cleanup"]["voxels_after"]
 
 
+def test_prior_command_cleans_by_default_and_none_keeps_the_raw_prior(subject: dict[str, Path]) -> None:
+    # The default (auto) is the clean-up the single-subject command applies to its training target.
+    maps = {}
+    for tag, extra in (("default", []), ("none", ["--cleanup", "none"])):
+        target = subject["out"] / f"{tag}.nii.gz"
+        result = run("prior", "gmm", "--image", subject["image"], "--brain-mask", subject["brain"], *extra,
+                     "-o", target, "--device", "cpu", "-q")
+        assert result.exit_code == 0, result.stderr
+        maps[tag] = (np.asanyarray(nib.load(target).dataobj),
+                     json.loads((subject["out"] / f"{tag}.json").read_text())["prior"]["cleanup"])
+    cleaned, info = maps["default"]
+    raw, no_info = maps["none"]
+    assert no_info is None and info["pattern"] in ("focal", "multifocal")
+    assert info["voxels_before"] == int((raw >= 0.5).sum())
+    assert info["voxels_after"] == int((cleaned >= 0.5).sum())
+
+
 def test_bad_cleanup_pattern_is_a_usage_error(subject: dict[str, Path]) -> None:
     result = run("--prior", "gmm", "--image", subject["image"], "--cleanup", "tumour", *TRAIN)
     assert result.exit_code == 2
@@ -1139,7 +1157,7 @@ def test_predict_accepts_a_complete_checkpoint_with_a_warning(subject: dict[str,
     config = RefinerConfig.fast(iterations=2, crop_size=(16, 16, 16))
     Refiner([prior], config=config, device="cpu", random_state=0).fit(
         [volume], checkpoint_path=checkpoint, checkpoint_every=2)  # the API keeps it
-    assert cli._checkpoint_facts(checkpoint)["complete"]
+    assert checkpoint_facts(checkpoint)["complete"]
     result = run("predict", "--model", checkpoint, "--image", subject["image"],
                  "-o", subject["out"] / "p.nii.gz")
     assert result.exit_code == 0, result.stderr
@@ -1161,7 +1179,7 @@ class _FakeClock:
 
 
 def test_log_progress_every_tenth_with_loss_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
-    lines = cli._LogProgress("training", "iteration", clock=_FakeClock(1.0))  # 1 s per iteration
+    lines = cli.console._LogProgress("training", "iteration", clock=_FakeClock(1.0))  # 1 s per iteration
     for iteration in range(1, 101):
         lines.update(iteration, 100, ", loss 0.5000")
     out = capsys.readouterr().err.splitlines()
@@ -1173,7 +1191,7 @@ def test_log_progress_every_tenth_with_loss_and_eta(capsys: pytest.CaptureFixtur
 
 
 def test_log_progress_at_least_every_30_seconds(capsys: pytest.CaptureFixture[str]) -> None:
-    lines = cli._LogProgress("training", "iteration", clock=_FakeClock(7.0))  # 7 s per iteration
+    lines = cli.console._LogProgress("training", "iteration", clock=_FakeClock(7.0))  # 7 s per iteration
     for iteration in range(1, 51):  # a tenth is 100 iterations: only the clock triggers
         lines.update(iteration, 1000)
     out = capsys.readouterr().err.splitlines()
@@ -1186,26 +1204,26 @@ def test_log_progress_at_least_every_30_seconds(capsys: pytest.CaptureFixture[st
 
 
 def test_inference_log_progress_is_time_based_only(capsys: pytest.CaptureFixture[str]) -> None:
-    lines = cli._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(1.0))
+    lines = cli.console._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(1.0))
     for done in range(1, 11):
         lines.update(done, 10)
     assert capsys.readouterr().err == ""  # 10 s in all: nothing to report
-    slow = cli._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(40.0))
+    slow = cli.console._LogProgress("inference", "window", every_tenth=False, clock=_FakeClock(40.0))
     slow.update(1, 4)
     slow.update(2, 4)
     assert "inference: window 2/4 (50%)" in capsys.readouterr().err
 
 
 def test_duration_text() -> None:
-    assert cli._duration(4.25) == "4.2 s"
-    assert cli._duration(125) == "2 min 05 s"
-    assert cli._duration(3720) == "1 h 02 min"
+    assert cli.console.duration(4.25) == "4.2 s"
+    assert cli.console.duration(125) == "2 min 05 s"
+    assert cli.console.duration(3720) == "1 h 02 min"
 
 
 def test_summary_line_text() -> None:
-    assert cli._summary_line(12_500.0, 10_000.0, 166.0) == (
+    assert cli.console.summary_line(12_500.0, 10_000.0, 166.0) == (
         "done: lesion volume 12.50 ml (prior 10.00 ml: +2.50 ml, +25%), in 2 min 46 s")
-    assert cli._summary_line(800.0, None, 3.0) == "done: lesion volume 0.80 ml, in 3.0 s"
+    assert cli.console.summary_line(800.0, None, 3.0) == "done: lesion volume 0.80 ml, in 3.0 s"
 
 
 def test_single_subject_without_terminal_logs_progress_and_ends_with_summary(

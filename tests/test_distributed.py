@@ -55,6 +55,7 @@ def _digest(refiner: Refiner) -> str:
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_torchrun_two_ranks_identical_weights_one_writer_and_model_predicts(tmp_path):
     result = _torchrun([str(HERE / "ddp_worker.py"), str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +83,7 @@ def test_torchrun_two_ranks_identical_weights_one_writer_and_model_predicts(tmp_
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_cli_fit_under_torchrun_writes_once(tmp_path):
     cohort = tmp_path / "cohort"
     for index in range(2):

@@ -17,7 +17,8 @@ def _load(name: str):
     return module
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# each test runs an example script end to end (a few training steps)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def test_refine_one_subject(tmp_path, capsys):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 import cgc_refine.io as cio
+from cgc_refine._utils import move_into_place
+from cgc_refine.io import _nifti
 from cgc_refine.exceptions import (
     CGCRefineError,
     InvalidImageError,
@@ -442,7 +444,7 @@ def test_write_without_hard_links(tmp_path, monkeypatch):
     save_probability_map(vol.data[0], vol, dest)
     np.testing.assert_array_equal(np.asanyarray(nib.load(dest).dataobj), vol.data[0])
     with pytest.raises(OutputExistsError):
-        cio._commit(dest, dest, overwrite=False)
+        move_into_place(dest, dest, overwrite=False)
     assert _files(tmp_path) == ["p.nii.gz"]
 
 
@@ -562,7 +564,7 @@ def test_canonical_round_trip(affine_fn):
     can = to_canonical(vol)
     assert can.axcodes == ("R", "A", "S")
     assert can.n_channels == 2
-    np.testing.assert_allclose(can.spacing, cio._affine_spacing(can.affine), rtol=1e-9)
+    np.testing.assert_allclose(can.spacing, _nifti._affine_spacing(can.affine), rtol=1e-9)
     assert sorted(can.spacing) == pytest.approx(sorted(vol.spacing))
     # every voxel keeps its world position and value
     rng = np.random.default_rng(13)
@@ -697,7 +699,7 @@ def test_gzip_trailer_smaller_than_header_claim_is_refused(tmp_path, no_voxel_re
     # bounded count of decompressed bytes do.
     payload = np.random.default_rng(0).bytes(40000)
     path = _forged(tmp_path / "short.nii.gz", (100, 100, 100), payload, gz=True)
-    assert path.stat().st_size * cio._MAX_DEFLATE_RATIO + cio._COUNT_CHUNK > 352 + 4 * 100**3
+    assert path.stat().st_size * _nifti._MAX_DEFLATE_RATIO + _nifti._COUNT_CHUNK > 352 + 4 * 100**3
     with pytest.raises(InvalidImageError, match="100x100x100 float32"):
         load_volume(path)
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import cgc_refine.cli as cli
-from cgc_refine._utils import OutputSet, atomic_write, lock_path_for
+from cgc_refine._utils import OutputSet, atomic_write, lock_path_for, write_text_atomic
+from cgc_refine.workflow import results
 from cgc_refine.exceptions import OutputExistsError, OutputNotWritableError
 from cgc_refine.io import save_array
 
@@ -43,13 +43,6 @@ def run_cli(*args: object):  # noqa: ANN201 - click's Result
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every entry of ``folder`` (hidden ones included) with its bytes."""
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
-
-
-@pytest.fixture()
-def keep_torch_threads():  # noqa: ANN201 - the CLI sets torch's thread count
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture()
@@ -91,7 +84,7 @@ def test_failed_overwrite_keeps_the_previous_output_set(
         def interrupted(payload):  # noqa: ANN001, ANN202
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(cli, "_dump_json", interrupted)
+        monkeypatch.setattr(results, "dump_json", interrupted)
     else:  # every file written; moving the probability map into place fails
         real_replace = os.replace
 
@@ -181,10 +174,10 @@ def test_output_set_without_overwrite_refuses_a_file_that_appeared(tmp_path: Pat
 def _write_tagged_set(folder: Path, run: int, attempt: int) -> None:
     """One command's output set through the CLI's transaction: a NIfTI and its sidecar."""
     value = float(100 * attempt + run)
-    with cli._transaction(True) as tx:
+    with results.output_transaction(True) as tx:
         tx.add(save_array(np.full((4, 4, 4), value, np.float32), GRID, folder / "p.nii.gz",
                           np.float32, True))
-        tx.add(cli._atomic_write_text(folder / "p.json", json.dumps({"value": value}), overwrite=True))
+        tx.add(write_text_atomic(folder / "p.json", json.dumps({"value": value}), overwrite=True))
 
 
 def _assert_consistent(folder: Path) -> float:

@@ -15,19 +15,12 @@ from cgc_refine.exceptions import CheckpointError, InvalidPriorError, OutputExis
 from cgc_refine.io import Volume
 from cgc_refine.metrics import dice
 from cgc_refine.phantom import make_phantom, noisy_prior
-from cgc_refine.priors import ProbabilityMap
 from cgc_refine.refiner import Refiner
-from cgc_refine.training import CropSampler, effective_crop_size, prepare_subject
 
 TINY = RefinerConfig(
     channels=(4, 8, 16, 32), crop_size=(32, 32, 16), iterations=3, batch_size=2,
     learning_rate=3e-3, log_every=1, proj_dim=8,
 )
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom((40, 40, 20), spacing=(1.0, 1.0, 2.0), n_lesions=3, seed=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,46 +61,6 @@ def test_config_dict_round_trip():
     assert RefinerConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown"):
         RefinerConfig.from_dict({**config.to_dict(), "bogus": 1})
-
-
-# -------------------------------------------------------------------------------- training
-def test_effective_crop_size_clips_and_rounds():
-    # largest subject 100x50x13 with factor 8: x keeps 64, y needs ceil(50/8)*8 = 56, z 16.
-    assert effective_crop_size((64, 192, 64), [(100, 50, 13), (20, 20, 5)], 8) == (64, 56, 16)
-    # never below the factor
-    assert effective_crop_size((4, 4, 4), [(3, 3, 3)], 8) == (8, 8, 8)
-
-
-def test_prepare_subject_crops_to_brain_and_masks_prior(phantom):
-    prior = ProbabilityMap(np.full(phantom.brain.shape, 0.7, np.float32))
-    subject = prepare_subject(phantom.volume, prior, phantom.brain)
-    assert subject.image.shape[1:] == subject.prior.shape[1:] == subject.brain.shape[1:]
-    assert subject.shape == phantom.brain.shape
-    inside = subject.brain[0].numpy()
-    assert np.all(subject.prior[0].numpy()[~inside] == 0.0)
-    assert np.allclose(subject.prior[0].numpy()[inside], 0.7)
-    # the box holds the whole brain
-    assert inside.sum() == phantom.brain.sum()
-
-
-def test_crop_sampler_shapes_padding_and_determinism(phantom):
-    prior = ProbabilityMap(phantom.truth.astype(np.float32))
-    subject = prepare_subject(phantom.volume, prior, phantom.brain)
-    crop = (32, 32, 32)  # deeper than the 20-slice phantom: padded
-    first = CropSampler([subject], crop, 0.5, seed=3).batch(2)
-    second = CropSampler([subject], crop, 0.5, seed=3).batch(2)
-    assert first[0].shape == (2, 1, 32, 32, 32) and first[2].dtype == torch.bool
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-def test_crop_sampler_oversamples_prior_foreground(phantom):
-    prior = ProbabilityMap(phantom.truth.astype(np.float32))
-    subject = prepare_subject(phantom.volume, prior, phantom.brain)
-    sampler = CropSampler([subject], (16, 16, 8), foreground_oversampling=1.0, seed=0)
-    for _ in range(5):
-        _, crop_prior, _ = sampler.batch(1)
-        assert crop_prior.max() >= 0.5
 
 
 # ---------------------------------------------------------------------------------- refiner

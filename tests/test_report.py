@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from cgc_refine import cli
+import cgc_refine
 from cgc_refine.exceptions import (
     CGCRefineError,
     OutputExistsError,
@@ -174,7 +174,7 @@ def test_render_montage_never_imports_pyplot(tmp_path: Path) -> None:
         assert "matplotlib.pyplot" not in sys.modules
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1]), "MPLBACKEND": "TkAgg"}
+    env = {**os.environ, "PYTHONPATH": str(Path(cgc_refine.__file__).parents[1]), "MPLBACKEND": "TkAgg"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr

@@ -14,9 +14,13 @@ from cgc_refine.config import ConfigError as ReexportedConfigError
 from cgc_refine.device import MAX_SEED, available_cpus, cgroup_cpu_limit, check_seed, configure_threads
 from cgc_refine.exceptions import CGCRefineError, ConfigError
 
+REAL_BUSY_CPUS = device.busy_cpus  # the autouse fixture below replaces it with an idle machine
+
 
 @pytest.fixture(autouse=True)
-def restore_threads():
+def restore_threads(monkeypatch):
+    # Other processes on the test machine must not change the default thread count under test.
+    monkeypatch.setattr(device, "busy_cpus", lambda: 0.0)
     previous = torch.get_num_threads()
     yield
     torch.set_num_threads(previous)
@@ -63,12 +67,39 @@ def test_available_cpus_takes_the_smallest_limit(monkeypatch):
 
 def test_default_threads_are_the_available_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(device, "available_cpus", lambda: 3)
     assert configure_threads() == 3
     assert torch.get_num_threads() == 3
     monkeypatch.setattr(device, "available_cpus", lambda: 1)
     assert configure_threads(None) == 1
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("busy, expected", [(0.0, 2), (0.3, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
+def test_default_leaves_the_cores_other_processes_use(monkeypatch, busy, expected):
+    # Two cores, one of them kept busy by another program: one thread, not two that stall each other.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(device, "available_cpus", lambda: 2)
+    monkeypatch.setattr(device, "busy_cpus", lambda: busy)
+    assert configure_threads() == expected
+    assert torch.get_num_threads() == expected
+
+
+def test_cpu_times_and_busy_cpus_from_proc_stat(tmp_path, monkeypatch):
+    # /proc/stat columns: user nice system idle iowait irq softirq steal; the "cpu" total line is skipped.
+    first = tmp_path / "stat1"
+    first.write_text("cpu  9 9 9 9 9 9 9 9\ncpu0 100 0 0 100 0 0 0 0\ncpu1 0 0 0 200 0 0 0 0\nintr 5\n")
+    second = tmp_path / "stat2"
+    second.write_text("cpu  9 9 9 9 9 9 9 9\ncpu0 150 0 10 110 0 0 0 0\ncpu1 5 0 0 215 0 0 0 0\nintr 7\n")
+    assert device._cpu_times(first) == {0: (100, 200), 1: (0, 200)}
+    assert device._cpu_times(tmp_path / "missing") is None
+    readings = iter([device._cpu_times(first), device._cpu_times(second)])
+    monkeypatch.setattr(device, "_cpu_times", lambda: next(readings))
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    # core 0: 60 busy of 70 jiffies; core 1: 5 busy of 20.
+    assert REAL_BUSY_CPUS(interval=0.0) == pytest.approx(60 / 70 + 5 / 20)
 
 
 def test_default_never_exceeds_available_cores(monkeypatch):

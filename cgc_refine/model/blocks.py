@@ -18,6 +18,8 @@ from numbers import Integral
 import torch
 from torch import nn
 
+from ..exceptions import InvalidParameterError
+
 __all__ = [
     "NORM_TYPES",
     "ACT_TYPES",
@@ -36,17 +38,24 @@ _MAX_GROUPS = 8
 
 
 def _check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an ``int`` or raise ``ValueError`` if it is not a positive integer."""
+    """Return ``value`` as an ``int``; raise ``InvalidParameterError`` unless a positive integer."""
     if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
 
 
 def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
-    """Return the lower-cased ``value`` or raise ``ValueError`` if it is not one of ``choices``."""
+    """Return the lower-cased ``value``; raise ``InvalidParameterError`` unless in ``choices``."""
     if not isinstance(value, str) or value.lower() not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+        raise InvalidParameterError(
+            f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}."
+        )
     return value.lower()
+
+
+def _check_norm_act(norm: object, act: object) -> tuple[str, str]:
+    """The normalisation and activation names of a block or network, checked and lower-cased."""
+    return _check_choice(norm, "norm", NORM_TYPES), _check_choice(act, "act", ACT_TYPES)
 
 
 def _check_stride(value: object) -> int | tuple[int, int, int]:
@@ -58,7 +67,7 @@ def _check_stride(value: object) -> int | tuple[int, int, int]:
     if isinstance(value, Integral) and not isinstance(value, bool):
         return _check_positive_int(value, "stride")
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ValueError(
+        raise InvalidParameterError(
             f"stride must be a positive integer or 3 positive integers (one per spatial axis), "
             f"got {value!r}."
         )
@@ -93,7 +102,7 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``norm`` is not a known type or ``channels`` is not a positive integer.
     """
     norm = _check_choice(norm, "norm", NORM_TYPES)
@@ -121,7 +130,7 @@ def make_act(act: str) -> nn.Module:
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``act`` is not a known type.
     """
     act = _check_choice(act, "act", ACT_TYPES)
@@ -156,7 +165,7 @@ class ResidualBlock3D(nn.Module):
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If a channel count or a stride is not a positive integer, or ``norm``/``act`` is
         unknown.
 
@@ -181,8 +190,7 @@ class ResidualBlock3D(nn.Module):
         in_ch = _check_positive_int(in_ch, "in_ch")
         out_ch = _check_positive_int(out_ch, "out_ch")
         stride = _check_stride(stride)
-        norm = _check_choice(norm, "norm", NORM_TYPES)
-        act = _check_choice(act, "act", ACT_TYPES)
+        norm, act = _check_norm_act(norm, act)
         self.in_ch = in_ch
         self.out_ch = out_ch
         self.stride = stride
@@ -205,18 +213,11 @@ class ResidualBlock3D(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block.
+        """Apply the block to ``x`` of shape ``(B, in_ch, X, Y, Z)``.
 
-        Parameters
-        ----------
-        x : torch.Tensor
-            Input of shape ``(B, in_ch, X, Y, Z)``.
-
-        Returns
-        -------
-        torch.Tensor
-            Output of shape ``(B, out_ch, ceil(X/sx), ceil(Y/sy), ceil(Z/sz))`` with
-            ``(sx, sy, sz)`` the per-axis stride.
+        The result has shape ``(B, out_ch, ceil(X/sx), ceil(Y/sy), ceil(Z/sz))``, with
+        ``(sx, sy, sz)`` the per-axis stride: ``act(norm(conv(act(norm(conv(x))))) +
+        shortcut(x))``.
         """
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))

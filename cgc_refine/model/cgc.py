@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ACT_TYPES, NORM_TYPES, ResidualBlock3D, _check_choice, _check_positive_int
+from ..exceptions import InvalidParameterError
+from .blocks import ResidualBlock3D, _check_norm_act, _check_positive_int
 
 __all__ = [
     "CoarsePath",
@@ -54,11 +55,11 @@ PATCH_SIZES: tuple[tuple[int, int, int], ...] = ((12, 12, 4), (6, 6, 4), (3, 3, 
 def _check_patch_size(patch_size: object) -> tuple[int, int, int]:
     """Validate a 3D mini-patch size and return it as a tuple of 3 ints."""
     if isinstance(patch_size, (str, bytes)) or not isinstance(patch_size, Sequence):
-        raise ValueError(
+        raise InvalidParameterError(
             f"patch_size must be a sequence of 3 positive integers, got {patch_size!r}."
         )
     if len(patch_size) != 3:
-        raise ValueError(
+        raise InvalidParameterError(
             f"patch_size must have 3 entries (one per spatial axis), got {tuple(patch_size)!r}."
         )
     p = tuple(_check_positive_int(s, f"patch_size[{i}]") for i, s in enumerate(patch_size))
@@ -94,7 +95,7 @@ def clip_patch_size(
     """
     p = _check_patch_size(patch_size)
     if len(spatial_size) != 3:
-        raise ValueError(f"spatial_size must have 3 entries, got {tuple(spatial_size)!r}.")
+        raise InvalidParameterError(f"spatial_size must have 3 entries, got {tuple(spatial_size)!r}.")
     s = tuple(_check_positive_int(int(v), f"spatial_size[{i}]") for i, v in enumerate(spatial_size))
     return (min(p[0], s[0]), min(p[1], s[1]), min(p[2], s[2]))
 
@@ -121,7 +122,7 @@ def patch_means(volume: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor
         mini-patch.
     """
     if volume.ndim != 5:
-        raise ValueError(f"expected a (B, C, x, y, z) tensor, got shape {tuple(volume.shape)}.")
+        raise InvalidParameterError(f"expected a (B, C, x, y, z) tensor, got shape {tuple(volume.shape)}.")
     ps = clip_patch_size(patch_size, volume.shape[2:])
     pooled = F.avg_pool3d(volume.float(), kernel_size=ps, stride=ps)
     return pooled.flatten(2)
@@ -170,15 +171,15 @@ def patch_lesion_labels(
     [[True, False, False, False]]
     """
     if prior_down.ndim != 5 or prior_down.shape[1] != 1:
-        raise ValueError(
+        raise InvalidParameterError(
             f"prior_down must have shape (B, 1, x, y, z), got {tuple(prior_down.shape)}."
         )
     if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
+        raise InvalidParameterError(f"threshold must be a number in (0, 1], got {threshold!r}.")
     if brain_down is None:
         return patch_means(prior_down, patch_size)[:, 0] >= threshold
     if brain_down.shape != prior_down.shape:
-        raise ValueError(
+        raise InvalidParameterError(
             f"brain_down must have the shape of prior_down {tuple(prior_down.shape)}, "
             f"got {tuple(brain_down.shape)}."
         )
@@ -298,18 +299,10 @@ class FinePath(nn.Module):
         return clip_patch_size(self.patch_size, spatial_size)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Embed every mini-patch of ``z``.
+        """Embed every mini-patch of the bottleneck features ``z`` ``(B, ch, x, y, z)``.
 
-        Parameters
-        ----------
-        z : torch.Tensor
-            Bottleneck features ``(B, ch, x, y, z)``.
-
-        Returns
-        -------
-        torch.Tensor
-            Unit-norm embeddings ``(B, n_patches, proj_dim)``, patches in the C order of the
-            patch grid (the order of :func:`patch_lesion_labels`).
+        Returns unit-norm embeddings ``(B, n_patches, proj_dim)``, the patches in the C order
+        of the patch grid (the order of :func:`patch_lesion_labels`).
         """
         ps = self.effective_patch_size(z.shape[2:])
         h = self.proj(z)
@@ -347,18 +340,18 @@ class CGCModule(nn.Module):
     ----------
     ch : int
         Number of channels of the bottleneck features ``z``.
-    use_coarse : bool, optional
+    use_coarse : bool, optional, keyword-only
         Enable the coarse-grained path (:class:`CoarsePath`). Default True.
-    use_fine : bool, optional
-        Enable the fine-grained path (:class:`FinePath`). Default True.
-    patch_size : sequence of 3 int, optional
-        Mini-patch size of the fine path. Default ``(6, 6, 4)``.
-    proj_dim : int, optional
-        Embedding dimension of the fine path. Default 128.
-    norm : {"instance", "group", "batch"}, optional
+    norm : {"instance", "group", "batch"}, optional, keyword-only
         Normalisation of the coarse path's residual block. Default ``"instance"``.
-    act : {"leakyrelu", "relu"}, optional
+    act : {"leakyrelu", "relu"}, optional, keyword-only
         Activation of the coarse path's residual block. Default ``"leakyrelu"``.
+    use_fine : bool, optional, keyword-only
+        Enable the fine-grained path (:class:`FinePath`). Default True.
+    patch_size : sequence of 3 int, optional, keyword-only
+        Mini-patch size of the fine path. Default ``(6, 6, 4)``.
+    proj_dim : int, optional, keyword-only
+        Embedding dimension of the fine path. Default 128.
 
     Notes
     -----
@@ -369,22 +362,22 @@ class CGCModule(nn.Module):
     def __init__(
         self,
         ch: int,
+        *,
         use_coarse: bool = True,
+        norm: str = "instance",
+        act: str = "leakyrelu",
         use_fine: bool = True,
         patch_size: Sequence[int] = (6, 6, 4),
         proj_dim: int = 128,
-        norm: str = "instance",
-        act: str = "leakyrelu",
     ) -> None:
         super().__init__()
         ch = _check_positive_int(ch, "ch")
         for name, flag in (("use_coarse", use_coarse), ("use_fine", use_fine)):
             if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}.")
+                raise InvalidParameterError(f"{name} must be a bool, got {flag!r}.")
         patch = _check_patch_size(patch_size)
         proj_dim = _check_positive_int(proj_dim, "proj_dim")
-        norm = _check_choice(norm, "norm", NORM_TYPES)
-        act = _check_choice(act, "act", ACT_TYPES)
+        norm, act = _check_norm_act(norm, act)
         self.ch = ch
         self.use_coarse = use_coarse
         self.use_fine = use_fine
@@ -396,32 +389,18 @@ class CGCModule(nn.Module):
     def fuse(self, z: torch.Tensor) -> torch.Tensor:
         """Features handed to the decoder (inference path: the fine path is skipped).
 
-        Parameters
-        ----------
-        z : torch.Tensor
-            Bottleneck features ``(B, ch, x, y, z)``.
-
-        Returns
-        -------
-        torch.Tensor
-            The coarse-path fusion of ``z``, or ``z`` itself when the coarse path is off.
+        Returns the coarse-path fusion of the bottleneck features ``z`` ``(B, ch, x, y, z)``,
+        or ``z`` itself when the coarse path is off.
         """
         if self.coarse is None:
             return z
         return self.coarse(z)[0]
 
     def forward(self, z: torch.Tensor) -> CGCFeatures:
-        """Run the enabled paths on ``z``.
+        """Run the enabled paths on the bottleneck features ``z`` ``(B, ch, x, y, z)``.
 
-        Parameters
-        ----------
-        z : torch.Tensor
-            Bottleneck features ``(B, ch, x, y, z)``.
-
-        Returns
-        -------
-        CGCFeatures
-            Decoder features and the auxiliary outputs (None for disabled paths).
+        Returns the :class:`CGCFeatures`: the decoder features and the auxiliary outputs
+        (None for disabled paths).
         """
         features, coarse_logits = z, None
         if self.coarse is not None:

@@ -21,7 +21,8 @@ import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
-from ..exceptions import CGCRefineError
+from .._validation import check_spacing
+from ..exceptions import InvalidGeometryError
 
 __all__ = [
     "InvalidGeometryError",
@@ -41,30 +42,13 @@ SPACING_RTOL = 1e-5
 Strides = tuple[tuple[int, int, int], ...]
 
 
-class InvalidGeometryError(CGCRefineError, ValueError):
-    """A spacing, stride or factor specification of the network geometry cannot be used."""
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _check_spacing(spacing: object, name: str = "spacing") -> tuple[float, float, float]:
     """Return ``spacing`` as 3 finite positive floats or raise :class:`InvalidGeometryError`."""
-    values: list[float] = []
-    if not isinstance(spacing, (str, bytes)):
-        try:
-            items = list(spacing)  # type: ignore[call-overload]
-            if not any(isinstance(v, bool) for v in items):
-                values = [float(v) for v in items]
-        except (TypeError, ValueError):
-            values = []
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InvalidGeometryError(
-            f"{name} must be 3 finite positive numbers (voxel size in mm along x, y, z), "
-            f"got {spacing!r}."
-        )
-    return (values[0], values[1], values[2])
+    return check_spacing(spacing, name, error=InvalidGeometryError)
 
 
 def _check_n_down(n_down: object) -> int:

@@ -16,7 +16,6 @@ All losses are computed in float32 whatever the input dtype (safe under bf16/fp1
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from numbers import Real
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exceptions import SpaceMismatchError
+from ..device import fp32_region
+from ..exceptions import InvalidParameterError, SpaceMismatchError
 from .blocks import _check_positive_int
 from .cgc import patch_lesion_labels, patch_means
 
@@ -49,15 +49,22 @@ def _check_real(value: object, name: str, *, low: float, low_open: bool) -> floa
         ok = v == v and v != float("inf") and (v > low if low_open else v >= low)
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+        raise InvalidParameterError(f"{name} must be a finite number {bound}, got {value!r}.")
     return float(value)
 
 
-def _fp32_region(device: torch.device) -> AbstractContextManager[object]:
-    """Context in which autocast is off on ``device``, so float32 inputs stay float32."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
+def _check_shape(
+    tensor: torch.Tensor | None,
+    expected: Sequence[int],
+    name: str,
+    relation: str,
+    *,
+    error: type[Exception] = InvalidParameterError,
+    hint: str = "",
+) -> None:
+    """Raise ``error`` when ``tensor`` is given and its shape is not ``expected``."""
+    if tensor is not None and tuple(tensor.shape) != tuple(expected):
+        raise error(f"{name} shape {tuple(tensor.shape)} {relation} {tuple(expected)}{hint}.")
 
 
 def masked_bce_with_logits(
@@ -96,11 +103,11 @@ def masked_bce_with_logits(
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If the shapes of ``logits``, ``target`` and ``mask`` differ.
     """
     if target.shape != logits.shape:
-        raise ValueError(
+        raise InvalidParameterError(
             f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}."
         )
     loss = F.binary_cross_entropy_with_logits(
@@ -109,11 +116,11 @@ def masked_bce_with_logits(
     if mask is None and weight is None:
         return loss.mean()
     if mask is not None and mask.shape != logits.shape:
-        raise ValueError(
+        raise InvalidParameterError(
             f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(logits.shape)}."
         )
     if weight is not None and weight.shape != logits.shape:
-        raise ValueError(
+        raise InvalidParameterError(
             f"weight shape {tuple(weight.shape)} differs from logits shape {tuple(logits.shape)}."
         )
     weights = torch.ones_like(loss) if mask is None else (mask != 0).float()
@@ -148,17 +155,17 @@ def downsample_to(prior: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``prior`` is not 5-D or ``size`` does not divide its spatial size.
     """
     if prior.ndim != 5:
-        raise ValueError(f"expected a (B, C, X, Y, Z) tensor, got shape {tuple(prior.shape)}.")
+        raise InvalidParameterError(f"expected a (B, C, X, Y, Z) tensor, got shape {tuple(prior.shape)}.")
     if isinstance(size, (str, bytes)) or len(size) != 3:
-        raise ValueError(f"size must be 3 positive integers, got {size!r}.")
+        raise InvalidParameterError(f"size must be 3 positive integers, got {size!r}.")
     target = tuple(_check_positive_int(int(s), f"size[{i}]") for i, s in enumerate(size))
     spatial = tuple(int(s) for s in prior.shape[2:])
     if any(s % t for s, t in zip(spatial, target)):
-        raise ValueError(
+        raise InvalidParameterError(
             f"cannot average-pool spatial size {spatial} to {target}: every input dimension must "
             f"be a multiple of the target dimension."
         )
@@ -227,7 +234,7 @@ class PatchSupConLoss(nn.Module):
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If ``temperature`` is not a finite positive number or ``anchors`` is unknown.
     """
 
@@ -235,7 +242,7 @@ class PatchSupConLoss(nn.Module):
         super().__init__()
         self.temperature = _check_real(temperature, "temperature", low=0.0, low_open=True)
         if not isinstance(anchors, str) or anchors not in _ANCHOR_MODES:
-            raise ValueError(f"anchors must be 'lesion' or 'all', got {anchors!r}.")
+            raise InvalidParameterError(f"anchors must be 'lesion' or 'all', got {anchors!r}.")
         self.anchors = anchors
 
     def extra_repr(self) -> str:
@@ -266,25 +273,19 @@ class PatchSupConLoss(nn.Module):
 
         Raises
         ------
-        ValueError
+        InvalidParameterError
             If the shapes do not match.
         """
         if embeddings.ndim not in (2, 3):
-            raise ValueError(
+            raise InvalidParameterError(
                 f"embeddings must have shape (N, D) or (B, P, D), got {tuple(embeddings.shape)}."
             )
-        if tuple(is_lesion.shape) != tuple(embeddings.shape[:-1]):
-            raise ValueError(
-                f"is_lesion shape {tuple(is_lesion.shape)} does not match the embeddings' leading "
-                f"shape {tuple(embeddings.shape[:-1])}."
-            )
-        if mask is not None and mask.shape != is_lesion.shape:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match is_lesion {tuple(is_lesion.shape)}."
-            )
+        _check_shape(is_lesion, embeddings.shape[:-1], "is_lesion",
+                     "does not match the embeddings' leading shape")
+        _check_shape(mask, is_lesion.shape, "mask", "does not match is_lesion")
         labels = is_lesion.reshape(-1) != 0
         valid = None if mask is None else mask.reshape(-1) != 0
-        with _fp32_region(embeddings.device):
+        with fp32_region(embeddings.device):
             emb = embeddings.reshape(-1, embeddings.shape[-1]).float()
             return _supcon(emb, labels, valid, self.temperature, self.anchors == "lesion")
 
@@ -359,7 +360,7 @@ class CGCLoss(nn.Module):
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If an argument is out of range.
     """
 
@@ -376,7 +377,7 @@ class CGCLoss(nn.Module):
         self.lambda_fg = _check_real(lambda_fg, "lambda_fg", low=0.0, low_open=False)
         threshold = _check_real(patch_threshold, "patch_threshold", low=0.0, low_open=True)
         if threshold > 1.0:
-            raise ValueError(f"patch_threshold must be in (0, 1], got {patch_threshold!r}.")
+            raise InvalidParameterError(f"patch_threshold must be in (0, 1], got {patch_threshold!r}.")
         self.patch_threshold = threshold
         self.supcon = PatchSupConLoss(temperature=temperature, anchors=anchors)
 
@@ -418,20 +419,15 @@ class CGCLoss(nn.Module):
         ------
         cgc_refine.exceptions.SpaceMismatchError
             If the prior or the mask is not on the grid of the logits.
-        ValueError
+        InvalidParameterError
             If the output lacks the bottleneck or patch size needed by an enabled term.
         """
         logits = output.logits
-        if prior.shape != logits.shape:
-            raise SpaceMismatchError(
-                f"prior shape {tuple(prior.shape)} differs from the logits shape "
-                f"{tuple(logits.shape)}; the prior must be on the grid of the network input."
-            )
-        if brain_mask is not None and brain_mask.shape != logits.shape:
-            raise SpaceMismatchError(
-                f"brain_mask shape {tuple(brain_mask.shape)} differs from the logits shape "
-                f"{tuple(logits.shape)}."
-            )
+        _check_shape(prior, logits.shape, "prior", "differs from the logits shape",
+                     error=SpaceMismatchError,
+                     hint="; the prior must be on the grid of the network input")
+        _check_shape(brain_mask, logits.shape, "brain_mask", "differs from the logits shape",
+                     error=SpaceMismatchError)
         prior = prior.detach()
         bce = masked_bce_with_logits(logits, prior, brain_mask,
                                      None if weight is None else weight.detach())
@@ -443,7 +439,7 @@ class CGCLoss(nn.Module):
             if size is None and output.coarse_logits is not None:
                 size = tuple(int(s) for s in output.coarse_logits.shape[2:])
             if size is None:
-                raise ValueError(
+                raise InvalidParameterError(
                     "output.bottleneck_size is required to down-sample the prior for the fine "
                     "path; use CGCUNet.forward_train, which sets it."
                 )
@@ -453,7 +449,7 @@ class CGCLoss(nn.Module):
                 coarse = masked_bce_with_logits(output.coarse_logits, prior_down, brain_down)
             if output.patch_embeddings is not None:
                 if output.patch_size is None:
-                    raise ValueError(
+                    raise InvalidParameterError(
                         "output.patch_size is required with patch_embeddings; use "
                         "CGCUNet.forward_train, which sets it."
                     )

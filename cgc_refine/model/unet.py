@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..exceptions import InvalidImageError
-from .blocks import ACT_TYPES, NORM_TYPES, ResidualBlock3D, _check_choice, _check_positive_int
+from ..exceptions import InvalidImageError, InvalidParameterError
+from .blocks import ResidualBlock3D, _check_norm_act, _check_positive_int
 from .geometry import check_strides, downsample_factors, isotropic_strides
 
 __all__ = ["ResidualUNet3D"]
@@ -27,12 +27,12 @@ __all__ = ["ResidualUNet3D"]
 def _check_channels(channels: object) -> tuple[int, ...]:
     """Validate the per-level widths of a U-Net and return them as a tuple of ints."""
     if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-        raise ValueError(
+        raise InvalidParameterError(
             f"channels must be a sequence of positive integers (one width per level), "
             f"got {channels!r}."
         )
     if len(channels) < 2:
-        raise ValueError(
+        raise InvalidParameterError(
             f"channels must name at least 2 levels (len(channels) - 1 down-samplings), "
             f"got {tuple(channels)!r}."
         )
@@ -99,7 +99,7 @@ class ResidualUNet3D(nn.Module):
 
     Raises
     ------
-    ValueError
+    InvalidParameterError
         If an argument is invalid (non-positive channel count, fewer than 2 levels, unknown
         ``norm``/``act``); :class:`~cgc_refine.model.geometry.InvalidGeometryError` (a
         ``ValueError``) if ``strides`` is not ``len(channels) - 1`` triples of 1s and 2s.
@@ -127,15 +127,10 @@ class ResidualUNet3D(nn.Module):
         strides: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
-        in_channels = _check_positive_int(in_channels, "in_channels")
-        out_channels = _check_positive_int(out_channels, "out_channels")
-        chans = _check_channels(channels)
-        norm = _check_choice(norm, "norm", NORM_TYPES)
-        act = _check_choice(act, "act", ACT_TYPES)
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.channels = chans
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.out_channels = _check_positive_int(out_channels, "out_channels")
+        self.channels = chans = _check_channels(channels)
+        norm, act = _check_norm_act(norm, act)
         self.n_down = len(chans) - 1
         level_strides = (
             isotropic_strides(self.n_down)
@@ -151,7 +146,7 @@ class ResidualUNet3D(nn.Module):
         def _conv_stride(t: tuple[int, int, int]) -> int | tuple[int, int, int]:
             return 2 if t == (2, 2, 2) else t
 
-        self.stem = ResidualBlock3D(in_channels, chans[0], norm=norm, act=act)
+        self.stem = ResidualBlock3D(self.in_channels, chans[0], norm=norm, act=act)
         self.down = nn.ModuleList(
             ResidualBlock3D(
                 chans[i - 1], chans[i], stride=_conv_stride(level_strides[i - 1]), norm=norm,
@@ -173,7 +168,7 @@ class ResidualUNet3D(nn.Module):
             ResidualBlock3D(2 * chans[i - 1], chans[i - 1], norm=norm, act=act)
             for i in range(len(chans) - 1, 0, -1)
         )
-        self.head = nn.Conv3d(chans[0], out_channels, kernel_size=1)
+        self.head = nn.Conv3d(chans[0], self.out_channels, kernel_size=1)
 
     @property
     def bottleneck_channels(self) -> int:
@@ -291,11 +286,11 @@ class ResidualUNet3D(nn.Module):
 
         Raises
         ------
-        ValueError
+        InvalidParameterError
             If the number of skips is not ``n_down``.
         """
         if len(skips) != self.n_down:
-            raise ValueError(f"decode expects {self.n_down} skip tensors, got {len(skips)}.")
+            raise InvalidParameterError(f"decode expects {self.n_down} skip tensors, got {len(skips)}.")
         h = z
         for k, (up, dec) in enumerate(zip(self.up, self.dec)):
             h = up(h)

@@ -11,46 +11,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "ADAPTER_KINDS",
-    "AUTO_PRIOR",
-    "AUTO_PRIOR_CT",
-    "BUILTIN_PRIORS",
-    "PRIOR_KINDS",
-    "FilePrior",
-    "GMMPrior",
-    "MumfordShahPrior",
-    "OutlierPrior",
-    "PriorInput",
-    "ProbabilityMap",
-    "as_probability_map",
-    "check_prior_informative",
-    "fit_histogram_gmm",
-    "from_labels",
-    "from_logits",
-    "from_mask",
-    "from_probability",
-    "from_scores",
-    "infer_prior_kind",
-    "intensity_histogram",
-    "make_prior",
-    "prepare_prior_input",
-    "prior_diagnostics",
-    "resolve_prior_name",
-]
-
 _LAZY = {
     "ADAPTER_KINDS": "adapters", "FilePrior": "adapters", "as_probability_map": "adapters",
     "check_prior_informative": "adapters", "from_labels": "adapters", "from_logits": "adapters",
     "from_mask": "adapters", "from_probability": "adapters", "from_scores": "adapters",
-    "infer_prior_kind": "adapters",
-    "PRIOR_KINDS": "base", "PriorInput": "base", "ProbabilityMap": "base",
+    "infer_prior_kind": "encodings",
+    "PRIOR_KINDS": "base", "Prior": "base", "PriorInput": "base", "ProbabilityMap": "base",
     "prepare_prior_input": "base",
     "GMMPrior": "gmm", "fit_histogram_gmm": "gmm", "intensity_histogram": "gmm",
     "MumfordShahPrior": "mumford_shah",
     "OutlierPrior": "outlier",
     "prior_diagnostics": "diagnostics",
 }
+
+#: The public names: the registry below and the lazily imported ones above.
+__all__ = sorted(
+    ["AUTO_PRIOR", "AUTO_PRIOR_CT", "BUILTIN_PRIORS", "make_prior", "resolve_prior_name", *_LAZY]
+)
 
 #: The built-in prior that ``"auto"`` names for MRI: the one with the best mean Dice averaged
 #: over the three development sources (z-scored BraTS, raw BraTS, clinical WMH) of

@@ -4,7 +4,8 @@ The refiner learns from a soft foreground probability. Existing tools hand out m
 things -- a binary mask, a label map, a network's logits, or the anomaly/residual scores of a
 VAE or another anomaly detector. Each adapter below maps one such kind to [0, 1] with a
 documented, label-free rule; :func:`as_probability_map` dispatches on ``kind`` and, with
-``kind="auto"``, infers the kind from the values and logs what it inferred.
+``kind="auto"``, infers the kind from the values (:mod:`cgc_refine.priors.encodings`) and logs
+what it inferred.
 
 ========== ============================================================================
 kind       rule
@@ -38,6 +39,14 @@ from scipy import ndimage
 
 from ..exceptions import InvalidPriorError
 from .base import ProbabilityMap
+from .encodings import (  # the constants and infer_prior_kind are re-exported here
+    ADAPTER_KINDS,
+    AUTO_MAX_LABELS,
+    AUTO_TOLERANCE,
+    PROBABILITY_SCALES,
+    infer_prior_kind,
+    infer_reading,
+)
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -53,22 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Kinds accepted by :func:`as_probability_map` (besides ``"auto"``).
-ADAPTER_KINDS = ("probability", "percent", "probability-255", "mask", "labels", "logits", "scores")
-
-#: Divisor that brings each scaled probability kind to [0, 1].
-_SCALES = {"probability": 1.0, "percent": 100.0, "probability-255": 255.0}
-
-#: Distance outside [0, 1] (in probability units, after scaling) that ``kind="auto"`` takes
-#: for rounding or interpolation overshoot of a probability map; as ``from_probability``'s
-#: default ``tolerance``.
-AUTO_TOLERANCE = 1e-3
-
-#: At most this many distinct non-negative integers are read as a label map by
-#: ``kind="auto"`` (BraTS uses 4, an aseg-style atlas some 40: too many for a lesion prior).
-AUTO_MAX_LABELS = 16
-
 
 def _as_float_3d(data: Any, what: str) -> np.ndarray:
     array = np.asarray(data)
@@ -313,142 +306,11 @@ def from_scores(
     return ProbabilityMap(probability, affine, "scores", params)
 
 
-_CHOOSE = ("pass --prior-kind (API: kind=...) with probability, percent, probability-255, mask, "
-           "labels, logits or scores to say how to read it")
-
-
-def _scaled_probability_kind(low: float, high: float) -> str | None:
-    """``"percent"`` or ``"probability-255"`` when [low, high] fits that storage of a
-    probability map that reaches p >= 0.5 somewhere (as an informative prior must)."""
-    for kind in ("percent", "probability-255"):
-        scale = _SCALES[kind]
-        if low >= -AUTO_TOLERANCE * scale and 0.5 * scale <= high <= (1.0 + AUTO_TOLERANCE) * scale:
-            return kind
-    return None
-
-
-def _infer(data: Any) -> tuple[str, str, bool]:
-    """The kind of a prior array, why, and whether the reading is beyond doubt.
-
-    Returns
-    -------
-    kind : str
-        One of :data:`ADAPTER_KINDS`.
-    reason : str
-        The values that decided it, for the log and the sidecar.
-    plain : bool
-        True for exactly {0, 1} (mask) and values within [0, 1] (probability): readings
-        that leave no room for doubt. The others are announced as warnings.
-
-    Raises
-    ------
-    InvalidPriorError
-        For NaN/Inf and for value ranges that fit more than one common encoding.
-    """
-    array = np.asarray(data)
-    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
-    if not np.all(np.isfinite(sample)):
-        raise InvalidPriorError("the prior holds NaN/Inf values; fill them before using it")
-    values = np.unique(sample.astype(np.float64, copy=False))
-    if values.size == 0:
-        raise InvalidPriorError("the prior holds no voxel; check the prior file")
-    low, high = float(values[0]), float(values[-1])
-    span = f"values from {low:.4g} to {high:.4g}"
-    if values.size <= 2 and set(values.tolist()) <= {0.0, 1.0}:
-        return "mask", "only the values 0 and 1", True
-    if low >= 0.0 and high <= 1.0:
-        return "probability", f"{span}, within [0, 1]", True
-    if low >= -AUTO_TOLERANCE and high <= 1.0 + AUTO_TOLERANCE:
-        return ("probability", f"{span}: a probability map with a rounding or interpolation "
-                f"overshoot of at most {AUTO_TOLERANCE:g} outside [0, 1], clipped to [0, 1]", False)
-    integer = bool(np.all(values == np.round(values)))
-    n_values = int(values.size)
-    if integer and low >= 0.0:
-        listed = ", ".join(f"{v:g}" for v in values)
-        if n_values <= AUTO_MAX_LABELS:
-            return ("labels", f"{n_values} integer values ({listed}): a label map, every non-zero "
-                    "label is lesion; a probability stored as 0-255 or in percent needs "
-                    "--prior-kind probability-255 or percent", False)
-        scaled = _scaled_probability_kind(low, high)
-        if scaled is not None:
-            return (scaled, f"{n_values} distinct integers from {low:g} to {high:g}, too many for "
-                    f"a lesion label map: a probability map stored as 0-{_SCALES[scaled]:g}, "
-                    f"divided by {_SCALES[scaled]:g}; a label map with that many labels needs "
-                    "--prior-kind labels", False)
-        if high <= 255.0:
-            raise InvalidPriorError(
-                f"the prior holds {n_values} distinct integers from {low:g} to {high:g}: too many "
-                "for a lesion label map, and not a probability map stored in percent (maximum "
-                "50-100) or as 0-255 (maximum 128-255); " + _CHOOSE
-            )
-        if n_values <= 256:
-            return "labels", f"{n_values} integer values from {low:g} to {high:g}: a label map", False
-    if low >= 0.0 - AUTO_TOLERANCE * 255.0 and 1.0 < high <= (1.0 + AUTO_TOLERANCE) * 255.0:
-        scaled = _scaled_probability_kind(low, high)
-        if scaled is not None:
-            return (scaled, f"{span}, a maximum between {0.5 * _SCALES[scaled]:g} and "
-                    f"{_SCALES[scaled]:g}: a probability map stored as 0-{_SCALES[scaled]:g}, "
-                    f"divided by {_SCALES[scaled]:g}; anomaly scores in that range need "
-                    "--prior-kind scores", False)
-        if high > 100.0 * (1.0 + AUTO_TOLERANCE):
-            raise InvalidPriorError(
-                f"the prior's {span} fit neither a probability in percent (maximum 50-100) nor "
-                "one stored as 0-255 that reaches 0.5 (maximum 128-255), and are not clearly "
-                "anomaly scores; " + _CHOOSE
-            )
-    if low >= -1.0 - AUTO_TOLERANCE and high <= 1.0 + AUTO_TOLERANCE:
-        raise InvalidPriorError(
-            f"the prior's {span} lie in [-1, 1] but leave [0, 1] by more than rounding "
-            f"({AUTO_TOLERANCE:g}): a probability rescaled to [-1, 1] (a tanh output), one with "
-            "interpolation overshoot, or a signed score, which read very differently; rescale "
-            "((x + 1) / 2) or clip it to [0, 1] before using it, or " + _CHOOSE
-        )
-    median = float(np.median(sample))
-    if median < -2.0:
-        return ("logits", f"{span}, median {median:.3g} < -2: most voxels confidently "
-                "background, as a network's logits", False)
-    return ("scores", f"{span}: anomaly or residual scores (higher = more abnormal), mapped by "
-            "the robust z-score rule", False)
-
-
-def infer_prior_kind(data: Any) -> str:
-    """Guess which adapter a prior array needs.
-
-    Rules, in order (``tol`` = :data:`AUTO_TOLERANCE`):
-
-    1. only 0 and 1 -> ``"mask"``;
-    2. values in [0, 1] -> ``"probability"``; in ``[-tol, 1 + tol]`` -> ``"probability"``
-       with the overshoot clipped;
-    3. non-negative integers: at most :data:`AUTO_MAX_LABELS` distinct values ->
-       ``"labels"`` (BraTS 0, 1, 2, 4); more, with a maximum in [50, 100] ->
-       ``"percent"`` or in [127.5, 255] -> ``"probability-255"`` (``uint8(round(p * 255))``:
-       a lesion prior is not a label map of dozens of labels); other integer maps up to
-       255 are refused as ambiguous; above 255, at most 256 distinct values -> ``"labels"``;
-    4. other non-negative values (``>= -tol * scale``) with a maximum in [50, 100] ->
-       ``"percent"``, in [127.5, 255] -> ``"probability-255"``, in (100, 127.5) -> refused
-       as ambiguous;
-    5. values in [-1, 1] -> refused (a tanh-scaled probability and a signed score cannot be
-       told apart);
-    6. a median below -2 (most voxels confidently background, as a network's logits are)
-       -> ``"logits"``; anything else -> ``"scores"``.
-
-    The scaled readings need a maximum of at least half the scale: a probability map that
-    never reaches p = 0.5 could not be used as a prior anyway.
-
-    Raises
-    ------
-    InvalidPriorError
-        For NaN/Inf, and for the ambiguous ranges above; the message says to choose the kind
-        (``--prior-kind``, API ``kind=``).
-    """
-    return _infer(data)[0]
-
-
 def _auto_kind(data: Any, where: str = "") -> tuple[str, dict[str, Any]]:
     """Infer the kind of ``data`` and say so: a warning unless the reading is beyond doubt
     (exactly {0, 1}, or within [0, 1]), which is logged at INFO. Returns the kind and its
     provenance for ``params``."""
-    kind, reason, plain = _infer(data)
+    kind, reason, plain = infer_reading(data)
     prefix = f"'{where}': " if where else ""
     if plain:
         logger.info("%sprior kind inferred from its values: %s -- %s", prefix, kind, reason)
@@ -529,8 +391,8 @@ def as_probability_map(
     inferred: dict[str, Any] = {}
     if kind == "auto":
         kind, inferred = _auto_kind(array, os.fspath(prior) if isinstance(prior, (str, os.PathLike)) else "")
-    if kind in _SCALES:
-        result = from_probability(array, affine, scale=_SCALES[kind], **options)
+    if kind in PROBABILITY_SCALES:
+        result = from_probability(array, affine, scale=PROBABILITY_SCALES[kind], **options)
     elif kind == "mask":
         result = from_mask(array, affine, spacing=spacing, **options)
     elif kind == "labels":
@@ -546,6 +408,18 @@ def as_probability_map(
     if inferred:
         result = ProbabilityMap(result.data, result.affine, result.source, {**result.params, **inferred})
     return result
+
+
+def _on_same_grid(volume: Any, data: np.ndarray, affine: np.ndarray) -> bool:
+    """Whether a prior array with ``affine`` lies on ``volume``'s voxel grid."""
+    from ..exceptions import CGCRefineError
+    from ..io import check_same_grid
+
+    try:
+        check_same_grid(volume.shape, volume.affine, data.shape, affine)
+    except CGCRefineError:
+        return False
+    return True
 
 
 class FilePrior:
@@ -590,29 +464,24 @@ class FilePrior:
                 "on_image_grid": self.on_image_grid}
 
     def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
-        """The prior on ``volume``'s grid; ``params`` records the file and any resampling."""
-        from ..exceptions import CGCRefineError
-        from ..io import check_same_grid, load_array
+        """The prior on ``volume``'s grid; ``params`` records the file and any resampling.
 
-        from ..exceptions import SpaceMismatchError
+        Raises
+        ------
+        SpaceMismatchError
+            When the prior is not on the image's grid and neither ``on_image_grid`` (same
+            shape, another affine) nor ``resample`` says what to do about it.
+        """
+        from ..io import load_array
 
         path = os.fspath(self.path)
         record: dict[str, Any] = {"path": os.path.abspath(path), "kind_requested": self.kind,
                                   "resampled": False, "on_image_grid": False}
         data, affine = load_array(path, name="prior")
         same_shape = tuple(data.shape) == tuple(volume.shape)
-        try:
-            check_same_grid(volume.shape, volume.affine, data.shape, affine)
-            grid_problem = None
-        except CGCRefineError as error:
-            grid_problem = error
-        if self.on_image_grid and not same_shape:
-            raise SpaceMismatchError(
-                f"the prior '{path}' has shape {tuple(data.shape)} but the image has shape "
-                f"{tuple(volume.shape)}, so it cannot be on the image's voxel grid; drop "
-                "on_image_grid (--prior-on-image-grid) and resample it (--resample-prior)"
-            )
-        if grid_problem is not None and same_shape and self.on_image_grid:
+        off_grid = not _on_same_grid(volume, data, affine)
+        self._check_grid(path, volume, data, affine, same_shape=same_shape, off_grid=off_grid)
+        if off_grid and same_shape and self.on_image_grid:
             logger.warning(
                 "prior '%s': its affine differs from the image's but its shape matches; taken as "
                 "on the image's voxel grid as asked (its own affine is ignored)", path,
@@ -620,7 +489,32 @@ class FilePrior:
             record.update(on_image_grid=True, prior_affine=np.asarray(affine).tolist())
             result = as_probability_map(data, volume.affine, kind=self.kind, brain_mask=brain_mask,
                                         spacing=volume.spacing)
-        elif grid_problem is not None and same_shape and not self.resample:
+        elif not self.resample:
+            result = as_probability_map(path, kind=self.kind, brain_mask=brain_mask, reference=volume)
+        else:
+            if off_grid and same_shape:
+                logger.warning(
+                    "prior '%s' has the image's shape but another affine; resampling it through "
+                    "its own affine as --resample-prior asks (if only its header is wrong, use "
+                    "--prior-on-image-grid instead)", path,
+                )
+            result = self._resampled(path, volume, brain_mask, data, affine, off_grid, record)
+        return ProbabilityMap(result.data, result.affine, result.source, {**result.params, "file": record})
+
+    def _check_grid(
+        self, path: str, volume: Any, data: np.ndarray, affine: np.ndarray, *, same_shape: bool,
+        off_grid: bool,
+    ) -> None:
+        """Refuse a prior whose grid differs from the image's when no option says what to do."""
+        from ..exceptions import SpaceMismatchError
+
+        if self.on_image_grid and not same_shape:
+            raise SpaceMismatchError(
+                f"the prior '{path}' has shape {tuple(data.shape)} but the image has shape "
+                f"{tuple(volume.shape)}, so it cannot be on the image's voxel grid; drop "
+                "on_image_grid (--prior-on-image-grid) and resample it (--resample-prior)"
+            )
+        if off_grid and same_shape and not self.on_image_grid and not self.resample:
             raise SpaceMismatchError(
                 f"the prior '{path}' has the image's shape {tuple(data.shape)} but a different "
                 f"affine (entries differ by up to "
@@ -631,41 +525,33 @@ class FilePrior:
                 "--prior-on-image-grid (API: FilePrior(..., on_image_grid=True)); if it truly "
                 "lies on another grid, pass --resample-prior"
             )
-        elif not self.resample:
-            result = as_probability_map(path, kind=self.kind, brain_mask=brain_mask, reference=volume)
-        else:
-            if grid_problem is not None and same_shape:
-                logger.warning(
-                    "prior '%s' has the image's shape but another affine; resampling it through "
-                    "its own affine as --resample-prior asks (if only its header is wrong, use "
-                    "--prior-on-image-grid instead)", path,
-                )
-            try:
-                check_same_grid(volume.shape, volume.affine, data.shape, affine)
-                same = True
-            except CGCRefineError:
-                same = False
-            kind = self.kind
-            inferred: dict[str, Any] = {}
-            if kind == "auto":  # decided on the prior's own values, before interpolation
-                kind, inferred = _auto_kind(data, path)
-            if not same:
-                import nibabel as nib
-                from nibabel.processing import resample_from_to
 
-                order = 0 if kind in ("mask", "labels") else 1
-                fill = 0.0 if kind in (*_SCALES, "mask", "labels") else float(data.min())
-                moved = resample_from_to(
-                    nib.Nifti1Image(data, affine), (volume.shape, volume.affine),
-                    order=order, mode="constant", cval=fill,
-                )
-                data = np.asarray(moved.dataobj, dtype=np.float32)
-                record.update(resampled=True, resample_order=order, resample_fill=fill)
-                logger.info("prior resampled onto the image grid (order %d)", order)
-            result = as_probability_map(data, volume.affine, kind=kind, brain_mask=brain_mask,
-                                        spacing=volume.spacing)
-            result = ProbabilityMap(result.data, result.affine, result.source, {**result.params, **inferred})
-        return ProbabilityMap(result.data, result.affine, result.source, {**result.params, "file": record})
+    def _resampled(
+        self, path: str, volume: Any, brain_mask: np.ndarray | None, data: np.ndarray,
+        affine: np.ndarray, off_grid: bool, record: dict[str, Any],
+    ) -> ProbabilityMap:
+        """The prior read with ``resample``: its kind is decided on its own values, then it is
+        resampled onto the image grid when the grids differ (``record`` says how)."""
+        kind = self.kind
+        inferred: dict[str, Any] = {}
+        if kind == "auto":  # decided on the prior's own values, before interpolation
+            kind, inferred = _auto_kind(data, path)
+        if off_grid:
+            import nibabel as nib
+            from nibabel.processing import resample_from_to
+
+            order = 0 if kind in ("mask", "labels") else 1
+            fill = 0.0 if kind in (*PROBABILITY_SCALES, "mask", "labels") else float(data.min())
+            moved = resample_from_to(
+                nib.Nifti1Image(data, affine), (volume.shape, volume.affine),
+                order=order, mode="constant", cval=fill,
+            )
+            data = np.asarray(moved.dataobj, dtype=np.float32)
+            record.update(resampled=True, resample_order=order, resample_fill=fill)
+            logger.info("prior resampled onto the image grid (order %d)", order)
+        result = as_probability_map(data, volume.affine, kind=kind, brain_mask=brain_mask,
+                                    spacing=volume.spacing)
+        return ProbabilityMap(result.data, result.affine, result.source, {**result.params, **inferred})
 
     def __repr__(self) -> str:
         return (f"FilePrior({os.fspath(self.path)!r}, kind={self.kind!r}, resample={self.resample}, "

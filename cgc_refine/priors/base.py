@@ -3,7 +3,10 @@
 Every prior source the toolkit understands -- its own GMM and Mumford-Shah priors, a binary
 mask, a label map, logits, or the anomaly scores of an external detector -- ends up as one
 :class:`ProbabilityMap`. The refiner only ever sees this type, so a new prior source needs
-nothing but an adapter.
+nothing but an adapter. The built-in priors share :class:`Prior`, their common base.
+
+:class:`PriorInput` and :func:`prepare_prior_input` live in :mod:`cgc_refine.preprocessing`
+(training uses them too) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from sklearn.base import BaseEstimator
+
 from .._utils import jsonable
 from ..exceptions import InvalidPriorError
+from ..preprocessing import PriorInput, prepare_prior_input
 
-__all__ = ["ProbabilityMap", "PRIOR_KINDS", "PriorInput", "prepare_prior_input"]
+__all__ = ["ProbabilityMap", "PRIOR_KINDS", "Prior", "PriorInput", "prepare_prior_input"]
 
 #: Source kinds a :class:`ProbabilityMap` may record.
 PRIOR_KINDS = (
@@ -93,143 +99,74 @@ class ProbabilityMap:
         return float(values.mean()) if values.size else 0.0
 
 
-@dataclass(frozen=True)
-class PriorInput:
-    """What a built-in prior works on: normalised channels, the brain mask and the geometry.
+class Prior(BaseEstimator):
+    """Common base of the built-in label-free priors (GMM, Mumford-Shah, outlier).
+
+    Each computes, per subject, the soft pseudo-label that the network is trained against
+    (the target of the paper's BCE term, equation 1; for the GMM prior the posterior of
+    equation 5).
+
+    A subclass stores its constructor arguments as given (scikit-learn style, so
+    ``get_params``, ``set_params`` and ``repr`` come from :class:`sklearn.base.BaseEstimator`),
+    checks them in ``_validate`` and computes the map in ``_compute``; :meth:`compute` runs
+    the two and is the one public entry point, with one signature for every prior.
 
     Attributes
     ----------
-    channels : numpy.ndarray
-        float32 (C, X, Y, Z); MRI channels robustly standardised inside the brain, a CT
-        channel windowed to [0, 1] (brain window).
-    brain_mask : numpy.ndarray
-        Boolean (X, Y, Z).
-    spacing : tuple of float
-        Voxel size in mm.
-    affine : numpy.ndarray or None
-        Voxel-to-world matrix.
-    standardisation : dict
-        How the MRI channels were standardised (``method``, per-channel ``centre`` and
-        ``scale`` in the input's units, and the bias-field record ``bias_field``), kept for
-        sidecars.
+    source : str
+        The :data:`PRIOR_KINDS` entry its maps record as ``source``.
     """
 
-    channels: np.ndarray
-    brain_mask: np.ndarray
-    spacing: tuple[float, float, float]
-    affine: np.ndarray | None
-    standardisation: dict[str, Any] = field(default_factory=dict)
+    source: str = "probability"
 
+    def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
+        """Compute the prior for one subject.
 
-def prepare_prior_input(
-    volume: Any,
-    brain_mask: np.ndarray | None = None,
-    modality: str = "mri",
-    bright_channel: int = 0,
-    *,
-    standardise: str = "iqr",
-    bias_correction: bool = False,
-) -> PriorInput:
-    """Turn a volume (a :class:`cgc_refine.io.Volume` or an array) into a :class:`PriorInput`.
+        Parameters
+        ----------
+        volume : Volume or numpy.ndarray
+            The subject's image(s), channel-first when several.
+        brain_mask : numpy.ndarray, optional
+            Boolean brain mask; derived from the image when omitted.
 
-    Parameters
-    ----------
-    volume : Volume or numpy.ndarray
-        A loaded volume (anything with ``data``, ``affine`` and ``spacing``) or a 3-D /
-        channel-first 4-D array (unit spacing, no affine).
-    brain_mask : numpy.ndarray, optional
-        Boolean mask on the image grid; derived from the image when omitted
-        (:func:`cgc_refine.brain.derive_brain_mask`).
-    modality : {"mri", "ct"}
-        For ``"ct"`` channel ``bright_channel`` is in Hounsfield units: it gives the derived
-        brain mask and is mapped through the brain window; other channels are standardised.
-    bright_channel : int
-        Index of the lesion-bright channel (the CT channel in CT mode).
-    standardise : {"iqr", "mode"}
-        MRI standardisation inside the brain (see :func:`cgc_refine.brain.robust_normalise`):
-        ``"iqr"`` (median and IQR / 1.349, the historical default used by the GMM and
-        Mumford-Shah priors and the network input) or ``"mode"`` (the normal-tissue histogram
-        peak and its lower half-width, which lesions do not contaminate; the outlier prior).
-    bias_correction : bool
-        Divide each MRI channel by its estimated smooth multiplicative bias field
-        (:func:`cgc_refine.brain.estimate_bias_field`) before standardising. Skipped, and
-        recorded as skipped, for a channel that is not strictly positive in the brain
-        (already standardised images). Ignored for the CT channel.
+        Returns
+        -------
+        ProbabilityMap
+            A foreground probability per voxel, 0 outside the brain, with ``source`` set to
+            the prior's :attr:`source` and its settings and fitted values in ``params`` (see
+            the subclass).
 
-    Returns
-    -------
-    PriorInput
-    """
-    from ..brain import ct_window, derive_brain_mask, estimate_bias_field, robust_normalise
+        Raises
+        ------
+        InvalidPriorError
+            If a parameter is invalid.
+        InvalidImageError, EmptyMaskError, SpaceMismatchError
+            If the image or mask cannot be used.
+        """
+        self._validate()
+        return self._compute(volume, brain_mask)
 
-    if hasattr(volume, "data") and hasattr(volume, "affine"):
-        data = np.asarray(volume.data, dtype=np.float32)
-        affine = np.asarray(volume.affine, dtype=np.float64)
-        spacing = tuple(float(s) for s in getattr(volume, "spacing", (1.0, 1.0, 1.0)))
-    else:
-        data = np.asarray(volume, dtype=np.float32)
-        affine = None
-        spacing = (1.0, 1.0, 1.0)
-    if data.ndim == 3:
-        data = data[None]
-    if data.ndim != 4:
-        from ..exceptions import InvalidImageError
+    def _validate(self) -> None:
+        """Check the constructor parameters; raise :class:`InvalidPriorError` if one is bad."""
 
-        raise InvalidImageError(
-            f"expected a 3-D volume or (C, X, Y, Z) channels, got shape {data.shape}"
-        )
-    if not 0 <= bright_channel < data.shape[0]:
-        from ..exceptions import InvalidImageError
+    def _compute(self, volume: Any, brain_mask: np.ndarray | None) -> ProbabilityMap:
+        """The prior's map for validated parameters (implemented by each prior)."""
+        raise NotImplementedError
 
-        raise InvalidImageError(
-            f"bright_channel={bright_channel} but the image has {data.shape[0]} channel(s)"
-        )
-    if brain_mask is None:
-        source = data[bright_channel] if modality == "ct" else data
-        mask = derive_brain_mask(source, modality=modality)  # type: ignore[arg-type]
-    else:
-        mask = np.asarray(brain_mask, dtype=bool)
-        if mask.shape != data.shape[1:]:
-            from ..exceptions import SpaceMismatchError
-
-            raise SpaceMismatchError(
-                f"brain mask shape {mask.shape} differs from image shape {data.shape[1:]}; "
-                "pass a mask on the image grid"
+    def _check_bright_channel(self, volume: Any) -> int:
+        """``bright_channel`` as an int, checked against the channels of ``volume``."""
+        bright = int(self.bright_channel)  # type: ignore[attr-defined]
+        shape = np.shape(volume.data if hasattr(volume, "data") else volume)
+        n_channels = int(shape[0]) if len(shape) == 4 else 1
+        if bright >= n_channels:
+            raise InvalidPriorError(
+                f"bright_channel={bright} but the image has {n_channels} channel(s); pass the "
+                "index of the channel in which lesions are bright"
             )
-        if not mask.any():
-            from ..exceptions import EmptyMaskError
+        return bright
 
-            raise EmptyMaskError("the brain mask is empty; pass a mask that covers the brain")
-    if standardise not in ("iqr", "mode"):
-        raise InvalidPriorError(f"standardise must be 'iqr' or 'mode', got {standardise!r}")
-    record: dict[str, Any] = {"method": standardise, "bias_correction": bool(bias_correction),
-                              "bias_field": [], "centre": [], "scale": []}
-    if bias_correction:
-        data = data.copy()
-        for index in range(data.shape[0]):
-            if modality == "ct" and index == bright_channel:
-                record["bias_field"].append({"applied": False, "reason": "CT channel"})
-                continue
-            field_map, info = estimate_bias_field(data[index], mask, spacing)  # type: ignore[arg-type]
-            if field_map is not None:
-                data[index] = np.where(mask, data[index] / field_map, data[index])
-            record["bias_field"].append(info)
-    channels = np.zeros(data.shape, dtype=np.float32)
-    for index in range(data.shape[0]):
-        if modality == "ct" and index == bright_channel:
-            channels[index] = ct_window(data[index])
-            record["centre"].append(None)
-            record["scale"].append(None)
-            continue
-        normalised, centre, scale = robust_normalise(
-            data[index], mask, method=standardise, return_params=True
-        )
-        channels[index] = normalised[0]
-        record["centre"].append(float(centre[0]))
-        record["scale"].append(float(scale[0]))
-    if modality == "ct":
-        channels[:, ~mask] = 0.0
-    return PriorInput(
-        channels=channels, brain_mask=mask, spacing=spacing,  # type: ignore[arg-type]
-        affine=affine, standardisation=jsonable(record),
-    )
+    def _map(
+        self, probability: np.ndarray, affine: np.ndarray | None, params: dict[str, Any]
+    ) -> ProbabilityMap:
+        """The result: ``probability`` clipped to [0, 1], tagged with :attr:`source`."""
+        return ProbabilityMap(np.clip(probability, 0.0, 1.0), affine, self.source, params)

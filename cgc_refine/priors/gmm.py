@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from ..exceptions import InvalidImageError
-from .base import ProbabilityMap, prepare_prior_input
+from .base import Prior, ProbabilityMap, prepare_prior_input
 
 __all__ = [
     "GMMPrior",
@@ -296,7 +295,7 @@ def select_n_components_bic(
     return min(scores, key=scores.__getitem__), scores
 
 
-class GMMPrior(BaseEstimator):
+class GMMPrior(Prior):
     """Gaussian-mixture lesion prior, AUCseg style (paper sections 3.2 and 4.4).
 
     Parameters
@@ -352,6 +351,8 @@ class GMMPrior(BaseEstimator):
     >>> prior.data.dtype, prior.source                # doctest: +SKIP
     (dtype('float32'), 'gmm')
     """
+
+    source = "gmm"
 
     def __init__(
         self,
@@ -412,22 +413,8 @@ class GMMPrior(BaseEstimator):
         if not 0 < float(self.max_lesion_weight) <= 1 or float(self.min_separation) < 0:
             raise InvalidPriorError("max_lesion_weight must be in (0, 1] and min_separation >= 0")
 
-    def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
-        """Compute the prior for one subject.
-
-        Parameters
-        ----------
-        volume : Volume or numpy.ndarray
-            The subject's image(s), channel-first when several.
-        brain_mask : numpy.ndarray, optional
-            Boolean brain mask; derived from the image when omitted.
-
-        Returns
-        -------
-        ProbabilityMap
-            Posterior probability of the foreground component(s), 0 outside the brain.
-        """
-        self._validate()
+    def _compute(self, volume: Any, brain_mask: np.ndarray | None) -> ProbabilityMap:
+        """The posterior probability of the foreground component(s), 0 outside the brain."""
         bright = int(self.bright_channel)
         prepared = prepare_prior_input(volume, brain_mask, self.modality, bright)
         channels, mask = prepared.channels, prepared.brain_mask
@@ -473,7 +460,7 @@ class GMMPrior(BaseEstimator):
             logger.warning("GMM prior: EM did not converge in %d iterations", self.max_iter)
         params = {**self.get_params(), **fitted, "bic_candidates": list(self.bic_candidates),
                   "standardisation": prepared.standardisation}
-        return ProbabilityMap(np.clip(probability, 0.0, 1.0), prepared.affine, "gmm", params)
+        return self._map(probability, prepared.affine, params)
 
     def _decide_foreground(self, model: HistogramGMM, values: np.ndarray) -> dict[str, Any]:
         """Whether the brightest component is a plausible lesion class (``foreground_rule``)."""

@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from sklearn.base import BaseEstimator
 
 from ..exceptions import InvalidPriorError
-from .base import ProbabilityMap, prepare_prior_input
+from .base import Prior, ProbabilityMap, prepare_prior_input
 
 __all__ = ["OutlierPrior", "outlier_probability", "DEFAULT_STRICTNESS"]
 
@@ -136,7 +135,7 @@ def outlier_probability(
     return probability, {"n_components_dropped": dropped}
 
 
-class OutlierPrior(BaseEstimator):
+class OutlierPrior(Prior):
     """Hyperintensity-outlier prior (see the module docstring), label-free.
 
     Parameters
@@ -161,6 +160,8 @@ class OutlierPrior(BaseEstimator):
     >>> pmap = OutlierPrior().compute(flair_volume, brain_mask)   # doctest: +SKIP
     >>> pmap.params["tissue_mode"], pmap.params["tissue_scale"]   # doctest: +SKIP
     """
+
+    source = "outlier"
 
     def __init__(
         self,
@@ -194,31 +195,10 @@ class OutlierPrior(BaseEstimator):
         if not isinstance(self.bright_channel, (int, np.integer)) or self.bright_channel < 0:
             raise InvalidPriorError(f"bright_channel must be an integer >= 0, got {self.bright_channel!r}")
 
-    def compute(self, volume: Any, brain_mask: np.ndarray | None = None) -> ProbabilityMap:
-        """Compute the prior for one subject.
-
-        Parameters
-        ----------
-        volume : Volume or numpy.ndarray
-            The subject's image(s), channel-first when several.
-        brain_mask : numpy.ndarray, optional
-            Boolean brain mask; derived from the image when omitted.
-
-        Returns
-        -------
-        ProbabilityMap
-            ``source="outlier"``; ``params`` holds the settings, the tissue mode and scale
-            (input units) and the standardisation record (bias field).
-        """
-        self._validate()
-        bright = int(self.bright_channel)
-        shape = np.shape(volume.data if hasattr(volume, "data") else volume)
-        n_channels = int(shape[0]) if len(shape) == 4 else 1
-        if bright >= n_channels:
-            raise InvalidPriorError(
-                f"bright_channel={bright} but the image has {n_channels} channel(s); pass the "
-                "index of the channel in which lesions are bright"
-            )
+    def _compute(self, volume: Any, brain_mask: np.ndarray | None) -> ProbabilityMap:
+        """The outlier map; ``params`` holds the settings, the tissue mode and scale (input
+        units) and the standardisation record (bias field)."""
+        bright = self._check_bright_channel(volume)
         data = volume.data if hasattr(volume, "data") else np.asarray(volume)
         if np.ndim(data) == 4:
             # only the bright channel matters; skip the bias field of the others
@@ -247,4 +227,4 @@ class OutlierPrior(BaseEstimator):
             "the mode, %d speck(s) below %.3g mm^3 dropped", record["centre"][0], record["scale"][0],
             float(self.strictness), info["n_components_dropped"], float(self.min_size_mm3),
         )
-        return ProbabilityMap(np.clip(probability, 0.0, 1.0), prepared.affine, "outlier", params)
+        return self._map(probability, prepared.affine, params)
