@@ -3,7 +3,7 @@
 For each chosen BraTS case this runs, in a child process, the library function behind the
 single-subject command (:func:`cgc_refine.workflow.refine_subject`, what
 ``cgc-refine --prior gmm --image <FLAIR> --fast --device cpu -o <out>/ --save-proba`` calls),
-then :func:`cgc_refine.workflow.compute_prior` (``cgc-refine prior gmm``) for the prior alone,
+then :func:`cgc_refine.workflow.compute_prior` (``cgc-refine prior gmm --cleanup none``) for the prior alone,
 and scores both masks against the whole tumour (label > 0; the prior as probability > 0.5).
 It prints the wall time of the refinement and its peak resident memory (``os.wait4`` of that
 child), and the Dice of the prior and of the refined mask. The brain mask is derived by the
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds, peak = in_child(partial(refine_subject, [flair], "gmm", outputs, RefinerConfig.fast(),
                                          options=options))
         prior_path = out / "prior_gmm.nii.gz"
-        in_child(partial(compute_prior, "gmm", [flair], prior_path, options=options))
+        in_child(partial(compute_prior, "gmm", [flair], prior_path, cleanup="none", options=options))
         volume = load_volume(flair)
         truth = load_mask(args.data / case / "OTMultiClass.nii.gz", reference=volume)
         mask = load_mask(outputs.mask, reference=volume)
