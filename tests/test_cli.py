@@ -769,6 +769,11 @@ def test_console_script_demo(tmp_path: Path) -> None:
     assert listing(tmp_path) == []  # nothing written without -o
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default (see the interrupt test)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_console_script_interrupt_exits_without_output(tmp_path: Path, signum: int, code: int) -> None:
     """Ctrl-C (SIGINT) and ``kill`` (SIGTERM) mid-training leave no output at all."""
@@ -778,7 +783,11 @@ def test_console_script_interrupt_exits_without_output(tmp_path: Path, signum: i
     out.mkdir()
     args = [exe, "--prior", "gmm", "--image", str(files["image"]), "-o", str(out), "--save-proba",
             "-v", "--fast", "--iterations", "100000", *CROP, "--device", "cpu"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started as a background job (``pytest &`` in a script) inherits SIGINT as ignored,
+    # and Python keeps an ignored SIGINT ignored: give the child the default disposition, as a
+    # command started from a terminal has.
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     try:
         for line in process.stderr:  # type: ignore[union-attr]
             if "training on" in line:
