@@ -56,10 +56,6 @@ __all__ = ["Refiner", "CHECKPOINT_FORMAT", "blend_with_prior", "collapse_warning
 
 logger = logging.getLogger(__name__)
 
-#: The former private name of :func:`cgc_refine.checkpoint.read_checkpoint`, kept for callers.
-_read_checkpoint = read_checkpoint
-
-
 def _as_list(volumes: Any) -> list[Any]:
     """The subjects as a list: a single path, Volume or array is one subject."""
     if isinstance(volumes, (str, os.PathLike)) or not isinstance(volumes, (list, tuple)):

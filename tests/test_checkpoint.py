@@ -159,9 +159,7 @@ def test_refiner_save_writes_what_load_reads(tmp_path: Path) -> None:
     path = refiner.save(tmp_path / "model.pt")
     state = read_checkpoint(path)
     assert set(state) == FORMAT_1_KEYS and state["optimizer_state"] is None and state["sampler_state"] is None
-    from cgc_refine.refiner import _read_checkpoint  # the former private name still reads it
-
-    assert _read_checkpoint(path)["n_iter"] == 2
+    assert state["n_iter"] == 2
     loaded = Refiner.load(path, device="cpu")
     np.testing.assert_array_equal(loaded.predict_proba(phantom.volume, phantom.brain),
                                   refiner.predict_proba(phantom.volume, phantom.brain))

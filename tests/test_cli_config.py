@@ -131,8 +131,19 @@ def test_config_from_json_errors_are_config_errors(tmp_path: Path) -> None:
         RefinerConfig().replace({"iterations": "many"})
 
 
-def test_prior_file_kinds_are_the_adapters_kinds() -> None:
-    from cgc_refine.priors import ADAPTER_KINDS, PRIOR_KINDS
+def test_every_prior_file_kind_is_one_the_adapters_know() -> None:
+    import numpy as np
 
-    assert PRIOR_FILE_KINDS == ("auto", *ADAPTER_KINDS)
+    from cgc_refine.exceptions import InvalidPriorError
+    from cgc_refine.priors import PRIOR_KINDS, as_probability_map
+
+    values = np.zeros((8, 8, 8), dtype=np.float32)
+    values[2:5, 2:5, 2:5] = 1.0
+    for kind in PRIOR_FILE_KINDS:
+        try:  # a kind may refuse these values, but never as an unknown kind
+            as_probability_map(values, np.eye(4), kind=kind)
+        except InvalidPriorError as exc:
+            assert "unknown prior kind" not in str(exc), kind
+    with pytest.raises(InvalidPriorError, match="unknown prior kind"):
+        as_probability_map(values, np.eye(4), kind="guess")
     assert "auto" not in PRIOR_KINDS  # the sources a ProbabilityMap records: another set

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from ..config import RefinerConfig
+from ..priors import ADAPTER_KINDS
 
 __all__ = [
     "PRIOR_FILE_KINDS",
@@ -37,10 +38,8 @@ __all__ = [
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 #: How ``--prior-kind`` reads a prior file: ``auto`` (inferred from the values) or one of the
-#: adapters' kinds (:data:`cgc_refine.priors.ADAPTER_KINDS`, kept equal by a test; the
-#: adapters import numpy, which ``--help`` must not).
-PRIOR_FILE_KINDS = ("auto", "probability", "percent", "probability-255", "mask", "labels", "logits",
-                    "scores")
+#: adapters' kinds (:data:`cgc_refine.priors.ADAPTER_KINDS`).
+PRIOR_FILE_KINDS = ("auto", *ADAPTER_KINDS)
 
 #: The RefinerConfig fields the single-subject command exposes as options; ``--config`` the rest.
 SINGLE_SUBJECT_SETTINGS = ("cleanup", "rounds", "tta", "iterations", "crop_size", "threshold",

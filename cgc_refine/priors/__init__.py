@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "ADAPTER_KINDS": "adapters", "FilePrior": "adapters", "as_probability_map": "adapters",
+    "FilePrior": "adapters", "as_probability_map": "adapters",
     "check_prior_informative": "adapters", "from_labels": "adapters", "from_logits": "adapters",
     "from_mask": "adapters", "from_probability": "adapters", "from_scores": "adapters",
     "infer_prior_kind": "encodings",
@@ -26,8 +26,15 @@ _LAZY = {
 
 #: The public names: the registry below and the lazily imported ones above.
 __all__ = sorted(
-    ["AUTO_PRIOR", "AUTO_PRIOR_CT", "BUILTIN_PRIORS", "make_prior", "resolve_prior_name", *_LAZY]
+    ["ADAPTER_KINDS", "AUTO_PRIOR", "AUTO_PRIOR_CT", "BUILTIN_PRIORS", "make_prior", "resolve_prior_name",
+     *_LAZY]
 )
+
+#: How a prior file can be encoded, besides ``"auto"`` (inferred from its values): the kinds of
+#: :func:`~cgc_refine.priors.adapters.as_probability_map`. Kept here, with no import, so that the
+#: command line's ``--prior-kind`` choices need no numpy.
+ADAPTER_KINDS: tuple[str, ...] = ("probability", "percent", "probability-255", "mask", "labels", "logits",
+                                  "scores")
 
 #: The built-in prior that ``"auto"`` names for MRI: the one with the best mean Dice averaged
 #: over the three development sources (z-scored BraTS, raw BraTS, clinical WMH) of

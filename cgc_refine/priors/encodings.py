@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import InvalidPriorError
+from . import ADAPTER_KINDS
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -23,9 +24,6 @@ __all__ = [
     "infer_prior_kind",
 ]
 
-#: Kinds accepted by :func:`~cgc_refine.priors.adapters.as_probability_map` (besides
-#: ``"auto"``).
-ADAPTER_KINDS = ("probability", "percent", "probability-255", "mask", "labels", "logits", "scores")
 
 #: Divisor that brings each scaled probability kind to [0, 1].
 PROBABILITY_SCALES = {"probability": 1.0, "percent": 100.0, "probability-255": 255.0}
