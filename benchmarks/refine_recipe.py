@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="the full configuration (RefinerConfig()) instead of RefinerConfig.fast()")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--tta-sweep", action="store_true",
+                        help="also score each fitted model with 1, 2, 4 and 8 TTA copies (the TTA ablation)")
     parser.add_argument("--cohort", action="store_true",
                         help="Table 4: one transductive cohort fit on all cases, then leave-one-out folds")
     args = parser.parse_args(argv)
@@ -208,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         return cohort(args, config)
     print(f"# refine_recipe: {date.today()}, {platform.node()}, source {args.source}, prior {args.prior}, "
           f"seed {args.seed}, RefinerConfig{'' if args.full else '.fast'}(**{overrides}), device {args.device}, "
-          f"threads {__import__('torch').get_num_threads()}")
+          f"threads {__import__('torch').get_num_threads()}, channels {args.channels}")
     if args.cleanup_only:
         print("| case | prior | cleaned prior | pattern (auto) |\n|---|---|---|---|")
     else:
         print("| case | prior | cleaned prior | network | refined | guarded | fit s | total s | TTA agreement |")
         print("|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    rows, sweep = [], []
     for case in dev_cases(args.source):
         if args.cases and case["name"] not in args.cases:
             continue
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                ("truth", truth), ("brain", brain)):
                 np.save(args.save_dir / f"{case['name']}_{tag}.npy", array)
         total = time.perf_counter() - started
+        if args.tta_sweep:
+            sweep.append([case["name"], *tta_sweep(refiner, volume, brain, prior, truth)])
         row = [dice(prior.data >= 0.5, truth), dice(cleaned > 0, truth), dice(network >= 0.5, truth),
                dice(refined > 0, truth), dice(guarded > 0, truth)]
         rows.append(row)
@@ -258,7 +262,40 @@ def main(argv: list[str] | None = None) -> int:
         table = np.array(rows)
         print("| **mean** | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(table.mean(0), table.std(0)))
               + (" |" if args.cleanup_only else " | | | |"))
+    if sweep:
+        print_tta_sweep(sweep)
     return 0
+
+
+#: Copies of the TTA ablation (:func:`tta_sweep`).
+TTA_COPIES = (1, 2, 4, 8)
+
+
+def tta_sweep(refiner: Refiner, volume: Any, brain: np.ndarray, prior: Any, truth: np.ndarray) -> list[float]:
+    """The fitted model's refined Dice and TTA agreement with 1, 2, 4 and 8 flipped copies."""
+    import dataclasses
+
+    fitted = refiner.config_
+    scores, agreements = [], []
+    for copies in TTA_COPIES:
+        refiner.config_ = dataclasses.replace(fitted, tta=copies)
+        probability = refiner.predict_proba(volume, brain, prior=prior)
+        refined = refiner.postprocess(probability, volume.spacing, affine=volume.affine, brain_mask=brain)
+        scores.append(dice(refined > 0, truth))
+        agreements.append(refiner.tta_agreement_)
+    refiner.config_ = fitted
+    return scores + agreements
+
+
+def print_tta_sweep(sweep: list[list[Any]]) -> None:
+    """The TTA ablation's table: refined Dice per copy count, then the copies' agreement."""
+    heads = [f"refined, TTA {n}" for n in TTA_COPIES] + [f"agreement, TTA {n}" for n in TTA_COPIES[1:]]
+    print("\n| case | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
+    for name, *values in sweep:
+        values = values[:len(TTA_COPIES)] + values[len(TTA_COPIES) + 1:]  # TTA 1 agrees with itself
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    table = np.array([[*v[:len(TTA_COPIES)], *v[len(TTA_COPIES) + 1:]] for _, *v in sweep], dtype=float)
+    print("| **mean** | " + " | ".join(f"{m:.3f}" for m in table.mean(0)) + " |")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ from typing import Any
 
 from .exceptions import ConfigError
 
-__all__ = ["RefinerConfig", "ConfigError", "LESION_PATTERNS", "TARGET_WEIGHTINGS", "setting"]
+__all__ = ["RefinerConfig", "ConfigError", "LESION_PATTERNS", "TARGET_WEIGHTINGS", "INTENSITY_ALIGNMENTS",
+           "setting"]
 
 #: Lesion patterns of the label-free clean-up (:mod:`cgc_refine.cleanup`); ``"none"`` is off.
 LESION_PATTERNS = ("auto", "focal", "multifocal", "none")
+
+#: Per-subject intensity alignments (:mod:`cgc_refine.alignment`).
+INTENSITY_ALIGNMENTS = ("none", "prior")
 
 #: Per-voxel weightings of the BCE term (:func:`cgc_refine.training.target_weights`).
 TARGET_WEIGHTINGS = ("none", "confidence")
@@ -156,6 +160,13 @@ class RefinerConfig:
     intensity_augmentation: bool = setting(
         True, "Random gamma, bias field, contrast, noise and blur of every training crop's image.",
         notes="Never of its target (:mod:`cgc_refine.augment`).")
+    intensity_alignment: str = setting(
+        "none", "Shift each subject's FLAIR so that its prior's decision boundary is at 0 "
+                "(prior), for cohorts whose priors draw the line at different intensities.",
+        choices=INTENSITY_ALIGNMENTS,
+        notes="The boundary is a soft-label logistic fit of the training target on the first "
+              "channel (:mod:`cgc_refine.alignment`); a model trained with it needs the "
+              "subject's prior at prediction.")
     cleanup: str = setting(
         "auto", "Label-free clean-up of the prior and of the refined mask, by lesion pattern: "
                 "focal (one mass: tumour, stroke), multifocal (many foci: MS, WMH), auto "
@@ -166,7 +177,15 @@ class RefinerConfig:
     rounds: int = setting(
         1, "Self-training rounds: round r learns from round r-1's cleaned prediction.", low=1,
         high=10, notes="Round 1 learns from the (cleaned) prior, round r from the cleaned, "
-                       "test-time-augmented prediction of round r - 1, each from fresh weights.")
+                       "test-time-augmented prediction of round r - 1 (blended with the cleaned "
+                       "prior when ``output_blend`` is on, as the output is), each from fresh "
+                       "weights.")
+    ema_horizon: float = setting(
+        0.1, "EMA teacher: average the weights over this fraction of the iterations (0: off).",
+        low=0.0, high=1.0,
+        notes="The averaged network (decay 1 - 1 / (ema_horizon * iterations); "
+              ":mod:`cgc_refine.weight_average`) predicts each round's next targets and the "
+              "output, in place of the last iterate.")
     tta: int = setting(8, "Flipped copies averaged at inference (test-time augmentation).",
                        choices=(1, 2, 4, 8),
                        notes="1: none; 2: left-right flip; 4: flips of the first two axes; 8: all "

@@ -3,7 +3,7 @@
 - :func:`predict_box`: the network's probability inside a subject's brain box, averaged over
   the axis flips of :func:`tta_flips`, with how well the flipped copies agree;
 - :func:`next_targets`: a self-training round's targets, each subject's cleaned, TTA-averaged
-  prediction;
+  prediction (blended with the cleaned prior, as the output is);
 - :func:`blend_with_prior`: trust the cleaned prior where it is sure, the network where not;
 - :func:`collapse_warning`: the collapse guard's test on the refined volume.
 
@@ -121,6 +121,7 @@ def next_targets(
     window: Sequence[int],
     device: torch.device,
     random_state: int,
+    blend_references: Sequence[Any] | None = None,
 ) -> tuple[list[PreparedSubject], dict[str, Any]]:
     """Round ``round_index``'s targets: each subject's cleaned, TTA-averaged prediction.
 
@@ -140,6 +141,11 @@ def next_targets(
         Where prediction runs.
     random_state : int
         Subject ``index``'s foreground is subsampled with seed ``random_state + index``.
+    blend_references : sequence of tensors, optional
+        The first round's targets (the cleaned priors). With ``config.output_blend ==
+        "confidence"`` each prediction is blended with its reference (:func:`blend_with_prior`)
+        before the clean-up, so that a round learns from what the refiner would output after
+        the previous round, not from the bare network.
 
     Returns
     -------
@@ -152,6 +158,8 @@ def next_targets(
     for index, subject in enumerate(subjects):
         probability, copies_agreement = predict_box(network, subject, config, window, device)
         previous = as_numpy(subject.prior[0]) >= 0.5
+        if blend_references is not None and getattr(config, "output_blend", "none") == "confidence":
+            probability = blend_with_prior(probability, as_numpy(blend_references[index][0]))
         if config.cleanup != "none":
             cleaned = clean_probability(
                 probability, subject.info.get("spacing", (1.0, 1.0, 1.0)),

@@ -32,11 +32,12 @@ from .checkpoint import (
     resume_training,
     write_checkpoint,
 )
+from .alignment import align_subject
 from .cleanup import CleanupSettings, clean_probability
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything
 from .distributed import DistributedContext, is_main_process, setup_distributed
-from .exceptions import CheckpointError, InvalidImageError
+from .exceptions import CheckpointError, InvalidImageError, InvalidParameterError
 from .io.coercion import as_brain_mask, as_volume
 from .postprocess import remove_small_components
 from .priors import ProbabilityMap
@@ -116,6 +117,10 @@ class Refiner(BaseEstimator):
     target_cleanup_ : list of dict
         Per training subject, what the clean-up of its prior did (pattern, voxels added and
         removed), or None when ``config.cleanup == "none"``.
+    alignment_shifts_ : list of float or None
+        With ``config.intensity_alignment == "prior"``: per training subject, the shift of its
+        first channel (its prior's decision boundary, :mod:`cgc_refine.alignment`); None where
+        no shift was applied or alignment is off.
     rounds_ : list of dict
         Per self-training round after the first: voxels changed, Dice with the previous
         target and TTA agreement of each subject's new target (label-free).
@@ -249,6 +254,8 @@ class Refiner(BaseEstimator):
             raise InvalidImageError(f"got {len(masks_in)} brain masks for {len(volumes)} volumes")
         started = time.perf_counter()
         subjects = self._prepare_subjects(volumes, masks_in, config, context, cache_dir)
+        if config.intensity_alignment == "prior":
+            subjects = [align_subject(s, s.prior, seed=self.random_state + i) for i, s in enumerate(subjects)]
         prior_seconds = time.perf_counter() - started
         resume = None if resume_from is None else read_checkpoint(resume_from)
         plan = plan_training(subjects, config, device, context, seed=self.random_state, resume=resume)
@@ -306,6 +313,7 @@ class Refiner(BaseEstimator):
         self.strides_ = plan.strides
         self.spacing_ = plan.spacing
         self.target_cleanup_ = [s.info.get("cleanup") for s in plan.subjects]
+        self.alignment_shifts_ = [s.info.get("alignment_shift") for s in plan.subjects]
         self.window_size_ = plan.window
         self.priors_ = [{"source": s.info.get("prior_source"), "params": s.info.get("prior_params", {})}
                         for s in plan.subjects]
@@ -319,7 +327,8 @@ class Refiner(BaseEstimator):
 
         Round 1 trains against the priors (from ``start``, a resumed iteration and Adam state);
         every later round trains a fresh network against the previous round's cleaned,
-        test-time-augmented prediction (:func:`~cgc_refine.refinement.next_targets`).
+        test-time-augmented prediction, blended with the cleaned prior as the output is
+        (:func:`~cgc_refine.refinement.next_targets`).
         """
         subjects = plan.subjects
         start_iteration, optimizer_state = start
@@ -331,6 +340,7 @@ class Refiner(BaseEstimator):
             self._write(checkpoint_path, overwrite=True, optimizer_state=optim_state,  # type: ignore[arg-type]
                         sampler_state=sampler.state())
 
+        first_targets = [s.prior for s in plan.subjects]
         self.rounds_ = []
         history: list[dict[str, float]] = []
         totals = {"steps": 0, "samples": 0, "loop_s": 0.0, "data_wait_s": 0.0}
@@ -340,7 +350,8 @@ class Refiner(BaseEstimator):
                 # prediction; the next student starts from fresh weights.
                 self.network_ = network
                 subjects, record = next_targets(network, subjects, config, round_index, window=plan.window,
-                                                device=device, random_state=self.random_state)
+                                                device=device, random_state=self.random_state,
+                                                blend_references=first_targets)
                 self.rounds_.append(record)
                 network = self._fresh_network(plan, config, device)
                 sampler = CropSampler(subjects, plan.crop, config.foreground_oversampling,
@@ -411,6 +422,16 @@ class Refiner(BaseEstimator):
                 f"{loaded.n_channels}; pass the same modalities, in the same order"
             )
         subject = prepare_subject(loaded, None, as_brain_mask(brain_mask, loaded), self.modality)
+        aligned = getattr(self.config_, "intensity_alignment", "none") == "prior"
+        if aligned and prior is None:
+            raise InvalidParameterError(
+                "this model was trained with intensity_alignment='prior': pass the subject's prior "
+                "(predict(..., prior=...)) so that its intensities can be aligned the same way"
+            )
+        blend = getattr(self.config_, "output_blend", "none") != "none"
+        reference = self._blend_reference(prior, subject, loaded) if prior is not None and (blend or aligned) else None
+        if aligned:
+            subject = align_subject(subject, reference[(None, *subject.bbox)], seed=self.random_state)
         box_prob, agreement = predict_box(self.network_, subject, self.config_, self.window_size_, self.device_,
                                           progress)
         self.tta_agreement_ = agreement
@@ -418,16 +439,20 @@ class Refiner(BaseEstimator):
         probability[subject.bbox] = box_prob
         self.network_probability_ = probability
         self.blend_reference_ = None
-        if prior is None or getattr(self.config_, "output_blend", "none") == "none":
+        if reference is None or not blend:
             return probability
+        self.blend_reference_ = reference
+        return blend_with_prior(probability, reference)
+
+    def _blend_reference(self, prior: Any, subject: PreparedSubject, loaded: Any) -> np.ndarray:
+        """The subject's prior as training saw it: cleaned with the configured pattern."""
         prior_data = np.asarray(getattr(prior, "data", prior), dtype=np.float32)
-        if self.config_.cleanup != "none":
-            brain = np.zeros(subject.shape, dtype=bool)
-            brain[subject.bbox] = as_numpy(subject.brain[0])
-            prior_data = clean_probability(prior_data, loaded.spacing, CleanupSettings(pattern=self.config_.cleanup),
-                                           brain_mask=brain, affine=loaded.affine).probability
-        self.blend_reference_ = prior_data
-        return blend_with_prior(probability, prior_data)
+        if self.config_.cleanup == "none":
+            return prior_data
+        brain = np.zeros(subject.shape, dtype=bool)
+        brain[subject.bbox] = as_numpy(subject.brain[0])
+        return clean_probability(prior_data, loaded.spacing, CleanupSettings(pattern=self.config_.cleanup),
+                                 brain_mask=brain, affine=loaded.affine).probability
 
     def predict(
         self,

@@ -38,6 +38,7 @@ from .device import autocast
 from .distributed import DistributedContext, rank_seed
 from .model import CGCLoss, CGCUNet, anisotropic_strides, downsample_factors, isotropic_strides
 from .sampling import CropSampler, CropStream, batch_iterator
+from .weight_average import ExponentialWeightAverage, ema_decay
 
 __all__ = [
     "PreparedSubject",
@@ -378,6 +379,13 @@ def train_network(
     -------
     TrainingResult
         Loss history, final Adam state, and step / sample / data-wait counts.
+
+    Notes
+    -----
+    With ``config.ema_horizon > 0`` the network's weights on return are the exponential
+    average of the iterates (:class:`~cgc_refine.weight_average.ExponentialWeightAverage`),
+    the EMA teacher; the Adam state is the last iterate's. A resumed run starts its average
+    afresh from the resumed weights.
     """
     context = context or DistributedContext()
     loss_fn = CGCLoss(
@@ -390,6 +398,8 @@ def train_network(
     network.train()
     log = _LossLog(config, context)
     batches = batch_iterator(sampler, config, device, context, seed)
+    decay = ema_decay(getattr(config, "ema_horizon", 0.0), config.iterations)
+    teacher = ExponentialWeightAverage(network, decay) if decay > 0 else None
     started = time.perf_counter()
     waited = 0.0
     steps = 0
@@ -404,6 +414,8 @@ def train_network(
             parts = training_step(step_model, loss_fn, optimizer, batch, device, config.amp,
                                   weighting=config.target_weighting)
             steps += 1
+            if teacher is not None:
+                teacher.update(network)
             values = {key: float(value) for key, value in parts.items()}
             log.add(values)
             if callback is not None and context.is_main:
@@ -412,6 +424,8 @@ def train_network(
             if (checkpoint is not None and checkpoint_every and iteration % checkpoint_every == 0
                     and context.is_main):
                 checkpoint(iteration, optimizer.state_dict())
+    if teacher is not None and teacher.updates:
+        teacher.copy_to(network)
     if context.enabled:
         _broadcast_buffers(network)
     elapsed = time.perf_counter() - started

@@ -329,6 +329,35 @@ def test_save_model_then_predict(trained_model: dict[str, Path], tmp_path: Path)
     assert sidecar["seed"] == 3
 
 
+def test_predict_with_the_subjects_prior_blends_and_guards(trained_model: dict[str, Path], tmp_path: Path) -> None:
+    """A hard (mask) prior states no uncertainty: the blend returns the cleaned prior itself,
+    so the probability is 0/1 and the mask is that probability's; the sidecar records both."""
+    result = run("predict", "--model", trained_model["model"], "--image", trained_model["image"],
+                 "--prior", trained_model["truth"], "--prior-kind", "mask", "-o", tmp_path, "--save-proba",
+                 "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    probability = np.asarray(nib.load(tmp_path / PROBSEG_NAME).dataobj)
+    mask = np.asarray(nib.load(tmp_path / MASK_NAME).dataobj)
+    assert set(np.unique(probability)) <= {0.0, 1.0} and probability.any()
+    np.testing.assert_array_equal(mask, (probability >= 0.5).astype(np.uint8))
+    sidecar = json.loads((tmp_path / SIDECAR_NAME).read_text())
+    assert sidecar["inputs"]["prior"] == str(trained_model["truth"].resolve())
+    assert sidecar["prior"]["kind"] == "mask" and "guard" in sidecar["refinement"]
+    (tmp_path / "plain").mkdir()
+    without = run("predict", "--model", trained_model["model"], "--image", trained_model["image"],
+                  "-o", tmp_path / "plain", "--save-proba", "--device", "cpu", "-q")
+    assert without.exit_code == 0, without.stderr
+    plain = np.asarray(nib.load(tmp_path / "plain" / PROBSEG_NAME).dataobj)
+    assert not np.array_equal(plain, probability)  # the network alone is not the prior
+
+
+def test_predict_over_a_folder_takes_only_a_builtin_prior(trained_model: dict[str, Path]) -> None:
+    folder = trained_model["image"].parent
+    result = run("predict", "--model", trained_model["model"], "--image", folder,
+                 "--prior", trained_model["prior"], "-q")
+    assert result.exit_code == 2 and "built-in prior" in result.stderr
+
+
 def test_predict_oblique_image_with_model(trained_model: dict[str, Path], tmp_path: Path) -> None:
     files = write_subject(tmp_path / "in", oblique_affine(), seed=1)
     result = run("predict", "--model", trained_model["model"], "--image", files["image"],

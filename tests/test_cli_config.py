@@ -29,7 +29,7 @@ NON_DEFAULT = {
     "foreground_oversampling": 0.25, "inference_window": [64, 64, 32], "overlap": 0.25,
     "sw_batch_size": 4, "threshold": 0.4, "min_size_mm3": 5.0, "amp": False, "compile": True,
     "num_workers": 2, "log_every": 5, "target_weighting": "none", "intensity_augmentation": False,
-    "cleanup": "focal", "cleanup_output": False, "rounds": 2, "tta": 4, "anisotropic": False,
+    "intensity_alignment": "prior", "cleanup": "focal", "cleanup_output": False, "rounds": 2, "ema_horizon": 0.25, "tta": 4, "anisotropic": False,
     "output_blend": "none", "fallback": False,
 }
 

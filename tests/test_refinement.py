@@ -49,3 +49,18 @@ def test_next_targets_take_the_prediction_and_record_the_change(subject) -> None
     assert record["round"] == 2 and record["voxels_changed"] == [int((brain != previous).sum())]
     assert updated[0].image is subject.image and len(updated[0].foreground) == int(brain.sum())
     assert record["tta_agreement"] == [pytest.approx(1.0)]
+
+
+def test_next_targets_blend_with_the_first_round_target_as_the_output_does(subject) -> None:
+    """The constant network says 0.88 everywhere in the brain; blended with a hard (0/1)
+    reference the target is the reference itself (c = 1 everywhere), unblended it is 0.88."""
+    config = dataclasses.replace(CONFIG, tta=1, output_blend="confidence")
+    reference = subject.prior  # the phantom's truth: a hard map
+    blended, _ = next_targets(_Constant(), [subject], config, 2, window=(16, 16, 16),
+                              device=torch.device("cpu"), random_state=0, blend_references=[reference])
+    np.testing.assert_allclose(blended[0].prior[0].numpy(), reference[0].numpy(), atol=1e-6)
+    plain, _ = next_targets(_Constant(), [subject], dataclasses.replace(config, output_blend="none"), 2,
+                            window=(16, 16, 16), device=torch.device("cpu"), random_state=0,
+                            blend_references=[reference])
+    brain = subject.brain[0].numpy()
+    np.testing.assert_allclose(plain[0].prior[0].numpy()[brain], 1.0 / (1.0 + np.exp(-2.0)), rtol=1e-5)

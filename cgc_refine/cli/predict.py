@@ -15,11 +15,13 @@ from .options import (
     dataset_options,
     device_options,
     postprocess_options,
+    prior_kind_option,
     report_option,
     run_options,
     truth_option,
 )
 from .outputs import resolve_output
+from ..priors import BUILTIN_PRIORS
 
 __all__ = ["predict_command"]
 
@@ -31,6 +33,12 @@ __all__ = ["predict_command"]
               help="Image file; repeat for several modalities, in the model's order. Or a "
                    "folder: every subject in it (<id>.nii.gz files, or one sub-folder per subject).")
 @click.option("--brain-mask", default=None, metavar="MASK", help="Brain mask (default: derived).")
+@click.option("--prior", "prior", default=None, metavar="PRIOR",
+              help="This subject's prior (a map, or a built-in prior: " + ", ".join(BUILTIN_PRIORS)
+                   + "; for a folder or dataset only a built-in one): the output is then blended "
+                     "with it and guarded as the single-subject command's is. Needed by a model "
+                     "fitted with --intensity-alignment prior.")
+@prior_kind_option
 @click.option("--save-proba", is_flag=True, help="Also write the probability map.")
 @truth_option
 @report_option
@@ -41,6 +49,10 @@ __all__ = ["predict_command"]
 @click.pass_context
 def predict_command(ctx: click.Context, **options: Any) -> None:
     """Segment one subject, or every subject of a folder or BIDS dataset, with a saved model.
+
+    \b
+    With the subject's prior, as the single-subject command outputs (blend, guard):
+      cgc-refine predict --model model.pt --image flair.nii.gz --prior gmm
 
     \b
     Every subject of a folder or of a BIDS dataset (a line each, a summary table at the end):
@@ -55,6 +67,9 @@ def predict_command(ctx: click.Context, **options: Any) -> None:
     run = run_options(ctx, {"device": options["device"], "threads": options["threads"],
                             "overwrite": options["overwrite"]})
     post = {"threshold": options["threshold"], "min_size_mm3": options["min_size_mm3"]}
+    prior = _prior_spec(ctx, options, dataset_run=source is not None)
+    if prior is not None:
+        post["prior"] = prior
     if source is not None:
         _predict_dataset(ctx, options, source, run, post, quiet)
         return
@@ -86,3 +101,17 @@ def _predict_dataset(ctx: click.Context, options: dict[str, Any], source: Path, 
                                options=run, progress=dataset.SubjectProgress.for_console(quiet), **post)
 
     dataset.run_subjects(ctx, subjects, job, options=options, overwrite=run.overwrite, quiet=quiet)
+
+
+def _prior_spec(ctx: click.Context, options: dict[str, Any], *, dataset_run: bool) -> Any:
+    """``--prior`` as a :class:`~cgc_refine.workflow.PriorSpec` (None without it)."""
+    from ..workflow import PriorSpec
+
+    if options["prior"] is None:
+        return None
+    spec = PriorSpec(options["prior"], kind=options["prior_kind"])
+    if dataset_run and not spec.builtin:
+        raise click.UsageError(
+            f"--prior {options['prior']} is one image's prior; for a folder or a dataset name a "
+            f"built-in prior ({', '.join(BUILTIN_PRIORS)})", ctx=ctx)
+    return spec.check()

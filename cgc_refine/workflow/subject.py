@@ -267,6 +267,7 @@ def _diagnostics_line(diagnostics: dict[str, Any]) -> str:
 
 def predict_subject(
     model: PathLike, images: Sequence[PathLike], outputs: SubjectOutputs, *,
+    prior: PriorSpec | PathLike | None = None,
     brain_mask: PathLike | None = None, truth: PathLike | None = None, threshold: float | None = None,
     min_size_mm3: float | None = None, options: RunOptions | None = None, progress: Progress | None = None,
 ) -> SubjectResult:
@@ -280,6 +281,11 @@ def predict_subject(
         The subject's images, the modalities of the model in its order.
     outputs : SubjectOutputs
         Where to write (``outputs.model`` is ignored).
+    prior : PriorSpec, str or Path, optional
+        This subject's prior (built-in name or file). With it the output is what the
+        single-subject job gives: the network blended with the cleaned prior
+        (``output_blend``), guarded against collapse; a model trained with
+        ``intensity_alignment="prior"`` needs it. Without it, the network's output alone.
     brain_mask, truth : path, optional
         As for :func:`refine_subject`.
     threshold, min_size_mm3 : float, optional
@@ -303,8 +309,10 @@ def predict_subject(
     started = time.perf_counter()
     options, progress = options or RunOptions(), progress or Progress()
     image_paths = _image_paths(images)
-    outputs.check(_inputs(image_paths, model, brain_mask, truth), options.overwrite)
-    check_images_and_prior(image_paths, None)
+    spec = None if prior is None else (prior if isinstance(prior, PriorSpec) else PriorSpec(prior)).check()
+    prior_path = None if spec is None else spec.path
+    outputs.check(_inputs(image_paths, model, brain_mask, truth, prior_path), options.overwrite)
+    check_images_and_prior(image_paths, prior_path)
     device, threads = start_run(options.device, options.threads)
     tick = time.perf_counter()
     refiner = load_model(Path(model), str(device))
@@ -317,19 +325,28 @@ def predict_subject(
     brain = load_brain_mask(brain_mask, volume, refiner.modality)
     truth_mask = load_truth(truth, volume) if truth else None
     timings = {"load_s": time.perf_counter() - tick}
+    pmap, prior_record = None, None
+    if spec is not None:
+        tick = time.perf_counter()
+        pmap, prior_record = subject_prior(spec, volume, brain, modality=refiner.modality, device=device)
+        timings["prior_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
     try:
-        probability = refiner.predict_proba(volume, brain, progress=progress.inference())
+        probability = refiner.predict_proba(volume, brain, prior=pmap, progress=progress.inference())
         mask = refiner.postprocess(probability, volume.spacing, threshold=threshold,
                                    min_size_mm3=min_size_mm3, affine=volume.affine, brain_mask=brain)
     finally:
         progress.close()
     timings["inference_s"] = time.perf_counter() - tick
+    guard = None
+    if pmap is not None:
+        mask, guard = refiner.guard(mask, _guard_reference(refiner, refiner.config_, pmap, volume, brain))
     used_threshold = float(refiner.config_.threshold if threshold is None else threshold)
     used_min_size = float(refiner.config_.min_size_mm3 if min_size_mm3 is None else min_size_mm3)
     sidecar = sidecar_record(
         "predict", options.command_line,
         inputs={"model": absolute(model), "images": [absolute(p) for p in image_paths],
+                **({} if spec is None else {"prior": prior_record.get("path", str(spec.source))}),
                 "brain_mask": _brain_record(brain_mask), **_truth_record(truth)},
         outputs={"mask": absolute(outputs.mask), "probability": absolute(outputs.probability)},
         model={"n_iter": int(refiner.n_iter_), "n_channels": int(refiner.n_channels_in_),
@@ -338,7 +355,9 @@ def predict_subject(
                "priors": refiner.priors_},
         modality=refiner.modality, seed=int(refiner.random_state), device=str(refiner.device_),
         threads=threads, threshold=used_threshold, min_size_mm3=used_min_size,
-        config=refiner.config_.to_dict(), lesion=_lesion(mask, volume, None), timings=timings,
+        config=refiner.config_.to_dict(), timings=timings,
+        lesion=_lesion(mask, volume, None if prior_record is None else prior_record["foreground_voxels"]),
+        **({} if pmap is None else {"prior": prior_record, "refinement": {"guard": guard}}),
     )
     report = _report_spec(outputs, refiner.modality, f"lesion mask (model: {Path(model).name})",
                           image_paths[0], {"model": Path(model).name, "modality": refiner.modality,
@@ -347,7 +366,7 @@ def predict_subject(
                                            "min lesion size (mm^3)": used_min_size,
                                            "device": str(refiner.device_)})
     return _finish(volume, mask, probability, sidecar, outputs, options, progress, started,
-                   prior=None, truth=truth_mask, report=report, refiner=None)
+                   prior=None if pmap is None else pmap.data, truth=truth_mask, report=report, refiner=None)
 
 
 # --------------------------------------------------------------------------------------------
