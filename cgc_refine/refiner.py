@@ -426,7 +426,8 @@ class Refiner(BaseEstimator):
         if aligned and prior is None:
             raise InvalidParameterError(
                 "this model was trained with intensity_alignment='prior': pass the subject's prior "
-                "(predict(..., prior=...)) so that its intensities can be aligned the same way"
+                "(predict(..., prior=...); on the command line, cgc-refine predict --prior ...) so "
+                "that its intensities are aligned as in training"
             )
         blend = getattr(self.config_, "output_blend", "none") != "none"
         reference = self._blend_reference(prior, subject, loaded) if prior is not None and (blend or aligned) else None

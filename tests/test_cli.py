@@ -441,6 +441,23 @@ def test_fit_on_cohort_folder_then_predict(tmp_path: Path) -> None:
     check_geometry(tmp_path / "p.nii.gz", image, np.uint8)
 
 
+def test_a_cohort_fitted_with_intensity_alignment_needs_the_prior_to_predict(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path / "cohort")
+    model = tmp_path / "model.pt"
+    result = run("fit", "--cohort", cohort, "--image-pattern", "flair*", "--prior-pattern", "prior.nii.gz",
+                 "--mask-pattern", "brain*", "--intensity-alignment", "prior", "-o", model, *TRAIN, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "model.json").read_text())["config"]["intensity_alignment"] == "prior"
+    subject = cohort / "sub-02"
+    refused = run("predict", "--model", model, "--image", subject / "flair.nii.gz", "-o", tmp_path / "p.nii.gz")
+    assert refused.exit_code == 2 and "--prior" in refused.stderr
+    assert not (tmp_path / "p.nii.gz").exists()
+    predicted = run("predict", "--model", model, "--image", subject / "flair.nii.gz", "--prior",
+                    subject / "prior.nii.gz", "-o", tmp_path / "p.nii.gz", "-q")
+    assert predicted.exit_code == 0, predicted.stderr
+    check_geometry(tmp_path / "p.nii.gz", subject / "flair.nii.gz", np.uint8)
+
+
 def test_fit_from_csv_with_builtin_prior(tmp_path: Path) -> None:
     cohort = _cohort(tmp_path / "cohort")
     table = tmp_path / "subjects.csv"

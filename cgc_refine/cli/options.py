@@ -44,8 +44,8 @@ PRIOR_FILE_KINDS = ("auto", *ADAPTER_KINDS)
 #: The RefinerConfig fields the single-subject command exposes as options; ``--config`` the rest.
 SINGLE_SUBJECT_SETTINGS = ("cleanup", "rounds", "tta", "iterations", "crop_size", "threshold",
                            "min_size_mm3")
-#: The same for ``fit`` (also the data-loader workers).
-FIT_SETTINGS = (*SINGLE_SUBJECT_SETTINGS, "num_workers")
+#: The same for ``fit`` (also the data-loader workers and the per-subject intensity alignment).
+FIT_SETTINGS = (*SINGLE_SUBJECT_SETTINGS, "num_workers", "intensity_alignment")
 
 _FIELDS = {spec.name: spec for spec in dataclasses.fields(RefinerConfig)}
 
