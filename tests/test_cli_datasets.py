@@ -290,7 +290,9 @@ def test_usage_errors(tmp_path: Path, args: list[str], phrase: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_predict_over_a_folder_and_a_bids_dataset(tmp_path: Path) -> None:
+def test_predict_over_a_folder_and_a_bids_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cgc_refine.workflow import models as model_files
+
     model = tmp_path / "model.pt"
     fitted = run("--prior", "gmm", "--image", write_image(tmp_path / "train" / "t.nii.gz"),
                  "--save-model", model, "-q", *TRAIN)
@@ -299,14 +301,20 @@ def test_predict_over_a_folder_and_a_bids_dataset(tmp_path: Path) -> None:
     write_image(folder / "s1" / "FLAIR.nii.gz", seed=1)
     write_image(folder / "s2" / "FLAIR.nii.gz", seed=2)
     out = tmp_path / "out"
-    result = run("predict", "--model", model, "--image", folder, "--output-dir", out, "--device", "cpu")
+    reads: list[Any] = []
+    load_model = model_files.load_model
+    monkeypatch.setattr(model_files, "load_model", lambda *a, **k: reads.append(a) or load_model(*a, **k))
+    result = run("predict", "--model", model, "--image", folder, "--output-dir", out, "--device", "cpu",
+                 "--prior", "gmm")
     assert result.exit_code == 0, result.stderr
+    assert len(reads) == 1  # one model file read for both subjects
     assert result.stdout.startswith("[1/2] s1: ok, lesion ")
     assert tree(out) == ["cgc_refine_summary.tsv", "s1/FLAIR_label-lesion_mask.json",
                          "s1/FLAIR_label-lesion_mask.nii.gz", "s2/FLAIR_label-lesion_mask.json",
                          "s2/FLAIR_label-lesion_mask.nii.gz"]
     sidecar = json.loads((out / "s2" / "FLAIR_label-lesion_mask.json").read_text())
     assert sidecar["command"] == "predict" and sidecar["inputs"]["model"] == str(model.resolve())
+    assert sidecar["prior"]["name"] == "gmm"  # each subject's own built-in prior
 
     root = bids_tree(tmp_path / "ds")
     on_bids = run("predict", "--model", model, "--bids", root, "--participant", "sub-02", "-q")

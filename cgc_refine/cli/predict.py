@@ -92,13 +92,15 @@ def _predict_dataset(ctx: click.Context, options: dict[str, Any], source: Path, 
     from ..workflow import SubjectOutputs, predict_subject
 
     subjects = dataset.find_subjects(source, options)
+    models: dict[Any, Any] = {}  # the model is read once for all subjects
 
     def job(subject: Any, paths: Any) -> Any:
         outputs = SubjectOutputs.for_mask(paths.mask, probability=options["save_proba"],
                                           report=options["report"],
                                           sidecar_fields=bids_sidecar_fields(subject) or None)
         return predict_subject(options["model"], subject.images, outputs, brain_mask=subject.brain_mask,
-                               options=run, progress=dataset.SubjectProgress.for_console(quiet), **post)
+                               options=run, progress=dataset.SubjectProgress.for_console(quiet),
+                               loaded_models=models, **post)
 
     dataset.run_subjects(ctx, subjects, job, options=options, overwrite=run.overwrite, quiet=quiet)
 

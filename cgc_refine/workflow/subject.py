@@ -270,6 +270,7 @@ def predict_subject(
     prior: PriorSpec | PathLike | None = None,
     brain_mask: PathLike | None = None, truth: PathLike | None = None, threshold: float | None = None,
     min_size_mm3: float | None = None, options: RunOptions | None = None, progress: Progress | None = None,
+    loaded_models: dict[tuple[str, str], Any] | None = None,
 ) -> SubjectResult:
     """Segment one subject with a saved model (``fit`` or ``--save-model``) and write the outputs.
 
@@ -294,6 +295,9 @@ def predict_subject(
         Device, threads, overwrite (the seed and modality are the model's).
     progress : Progress, optional
         Progress hooks.
+    loaded_models : dict, optional
+        Models already read, by (resolved path, device); a run over many subjects passes one
+        dict so that the model file is read once, not once per subject.
 
     Returns
     -------
@@ -315,7 +319,12 @@ def predict_subject(
     check_images_and_prior(image_paths, prior_path)
     device, threads = start_run(options.device, options.threads)
     tick = time.perf_counter()
-    refiner = load_model(Path(model), str(device))
+    key = (str(Path(model).resolve()), str(device))
+    refiner = None if loaded_models is None else loaded_models.get(key)
+    if refiner is None:
+        refiner = load_model(Path(model), str(device))
+        if loaded_models is not None:
+            loaded_models[key] = refiner
     volume = load_image(image_paths)
     if volume.n_channels != refiner.n_channels_in_:
         raise CheckpointError(
