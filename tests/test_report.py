@@ -245,7 +245,8 @@ def test_cli_report_single_subject_and_predict(subject: dict[str, Path]) -> None
     text = page.read_text(encoding="utf-8")
     assert 'src="flair_label-lesion_mask_report.png"' in text
     for phrase in ("prior lesion volume (ml", "refined lesion volume (ml)", "Dice (refined)",
-                   "HD95 (refined, mm)", "Dice (prior)"):
+                   "HD95 (refined, mm)", "Dice (prior)", "Dice with the prior (label-free)",
+                   "voxels changed vs the prior (label-free)", "TTA agreement (label-free)"):
         assert phrase in text, phrase
     sidecar = json.loads((out / "flair_label-lesion_mask.json").read_text())
     assert sidecar["outputs"]["report_png"] == str(png.resolve())
@@ -412,3 +413,21 @@ def test_slices_are_the_input_voxel_indices_and_bad_orientation(tmp_path: Path) 
     assert png_size(a) == png_size(b)
     with pytest.raises(ValueError, match="orientation"):
         render_montage(image, tmp_path / "c.png", affine=RAS, orientation="sideways")
+
+
+def test_report_table_lists_the_label_free_facts_of_every_round() -> None:
+    from cgc_refine.workflow.results import report_numbers
+
+    from cgc_refine.phantom import make_phantom
+
+    volume = make_phantom((8, 8, 4), seed=0).volume
+    refinement = {"voxels_changed_vs_prior": 12, "dice_with_prior": 0.9, "tta_agreement": 0.97,
+                  "rounds": [{"round": 2, "voxels_changed": [5, 7], "dice_with_previous_target": [0.8, 1.0],
+                              "tta_agreement": [0.9, 0.96]}], "guard": None}
+    numbers = report_numbers(volume=volume, refined=np.zeros((8, 8, 4), np.uint8), prior=None, truth=None,
+                             evaluation=None, settings={}, refinement=refinement)
+    assert numbers["voxels changed vs the prior (label-free)"] == 12
+    assert numbers["round 2 target: voxels changed"] == 12
+    assert numbers["round 2 target: Dice with the previous target"] == pytest.approx(0.9)
+    assert numbers["round 2 target: TTA agreement"] == pytest.approx(0.93)
+    assert "collapse guard" not in numbers

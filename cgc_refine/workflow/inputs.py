@@ -213,8 +213,8 @@ def refinement_facts(refiner: Any, config: RefinerConfig, prior: Any, probabilit
     network = getattr(refiner, "network_probability_", probability)
     return {
         "recipe": {name: getattr(config, name) for name in (
-            "cleanup", "cleanup_output", "target_weighting", "intensity_augmentation", "rounds", "tta",
-            "anisotropic", "fallback")},
+            "cleanup", "cleanup_output", "target_weighting", "intensity_augmentation", "rounds",
+            "ema_horizon", "tta", "anisotropic", "output_blend", "intensity_alignment", "fallback")},
         "strides": getattr(refiner, "strides_", None),
         "prior_cleanup": training_cleanup,
         "output_cleanup": getattr(refiner, "cleanup_info_", None),

@@ -330,8 +330,11 @@ def dice_line(evaluation: dict[str, dict[str, float]]) -> str:
 def report_numbers(
     *, volume: Any, refined: Any, prior: Any | None, truth: Any | None,
     evaluation: dict[str, dict[str, float]] | None, settings: dict[str, Any],
+    refinement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The table of the HTML report: volumes (ml), metrics against the truth, settings."""
+    """The table of the HTML report: volumes (ml), the label-free refinement facts (change and
+    agreement with the prior, TTA consistency, per self-training round), metrics against the
+    truth, settings."""
     voxel_ml = voxel_volume_mm3(volume) / 1000.0
     numbers: dict[str, Any] = {
         "voxel size (mm)": " x ".join(f"{s:.3g}" for s in volume.spacing),
@@ -341,6 +344,7 @@ def report_numbers(
         numbers["prior lesion volume (ml, p >= 0.5)"] = int((prior >= 0.5).sum()) * voxel_ml
     numbers["refined lesion volume (ml)"] = int(refined.sum()) * voxel_ml
     numbers["refined lesion voxels"] = int(refined.sum())
+    numbers.update(_refinement_numbers(refinement or {}))
     if truth is not None and evaluation is not None:
         numbers["ground-truth lesion volume (ml)"] = int(truth.sum()) * voxel_ml
         for which in ("refined", "prior"):
@@ -353,6 +357,29 @@ def report_numbers(
             numbers[f"HD95 ({which}, mm)"] = scores["hd95"]
     numbers.update(settings)
     return numbers
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _refinement_numbers(refinement: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's label-free refinement facts as rows of the report's table."""
+    rows: dict[str, Any] = {}
+    if "voxels_changed_vs_prior" in refinement:
+        rows["voxels changed vs the prior (label-free)"] = refinement["voxels_changed_vs_prior"]
+    if refinement.get("dice_with_prior") is not None:
+        rows["Dice with the prior (label-free)"] = refinement["dice_with_prior"]
+    if refinement.get("tta_agreement") is not None:
+        rows["TTA agreement (label-free)"] = refinement["tta_agreement"]
+    for record in refinement.get("rounds") or []:
+        name = f"round {record['round']} target"
+        rows[f"{name}: voxels changed"] = sum(record["voxels_changed"])
+        rows[f"{name}: Dice with the previous target"] = _mean(record["dice_with_previous_target"])
+        rows[f"{name}: TTA agreement"] = _mean(record["tta_agreement"])
+    if refinement.get("guard"):
+        rows["collapse guard"] = refinement["guard"]
+    return rows
 
 
 def _write_report(tx: OutputTransaction, spec: ReportSpec, numbers: dict[str, Any], *, volume: Any,
@@ -436,7 +463,8 @@ def finish_subject(
             tx.add(save_probability_map(probability, volume, probability_path, overwrite=overwrite))
         if report is not None:
             numbers = report_numbers(volume=volume, refined=mask, prior=prior, truth=truth,
-                                     evaluation=evaluation, settings=report.settings)
+                                     evaluation=evaluation, settings=report.settings,
+                                     refinement=sidecar.get("refinement"))
             _write_report(tx, report, numbers, volume=volume, refined=mask, prior=prior,
                           truth=truth, sidecar=sidecar)
         timings["write_s"] = time.perf_counter() - tick
