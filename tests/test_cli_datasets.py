@@ -339,3 +339,22 @@ def test_single_file_runs_are_unchanged(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 2 and error_lines(result) == ["cgc-refine: error: stop here"]
     assert result.stdout == "" and os.listdir(tmp_path) == ["flair.nii.gz"]
     assert calls[0][1].mask == tmp_path / f"flair_{MASK}.nii.gz" and calls[0][1].sidecar_fields is None
+
+
+def test_a_folder_run_on_a_non_zero_torchrun_rank_prints_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 of a torchrun launch trains (the job returns None there) but must not print a
+    line per subject nor write a second summary table beside rank 0's."""
+    from cgc_refine import distributed
+
+    folder = tmp_path / "in"
+    write_image(folder / "a.nii.gz", seed=1)
+    write_image(folder / "b.nii.gz", seed=2)
+    calls: list[Any] = []
+    monkeypatch.setattr(workflow, "refine_subject", lambda images, *a, **k: calls.append(images))
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    result = run("--prior", "gmm", "--image", folder, *TRAIN)
+    assert result.exit_code == 0, result.stderr
+    assert len(calls) == 2  # both subjects were run
+    assert result.stdout == "" and tree(folder) == ["a.nii.gz", "b.nii.gz"]

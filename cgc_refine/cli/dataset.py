@@ -160,7 +160,11 @@ def run_subjects(
         No result lines and no table (-q).
     """
     from ..datasets import run_dataset
+    from ..distributed import is_main_process
 
+    # Under torchrun every rank trains, but only rank 0 predicts and writes (the job returns
+    # None elsewhere): the other ranks print nothing and write no summary.
+    main = is_main_process()
     failures: dict[str, Exception] = {}
     finished: list[str] = []
 
@@ -177,7 +181,7 @@ def run_subjects(
         summary = run_dataset(subjects, guarded, output_dir=options.get("output_dir"),
                               keep_going=bool(options.get("keep_going")),
                               skip_existing=bool(options.get("skip_existing")), overwrite=overwrite,
-                              echo=lambda text: say(quiet, text))
+                              summary_tsv=main, echo=lambda text: say(quiet or not main, text))
     except KeyboardInterrupt as exc:
         kept = (f"the outputs of the {len(finished)} subject(s) finished before are kept, "
                 "the subject in progress wrote none; run the same command with --skip-existing "
