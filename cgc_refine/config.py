@@ -166,7 +166,8 @@ class RefinerConfig:
         choices=INTENSITY_ALIGNMENTS,
         notes="The boundary is a soft-label logistic fit of the training target on the first "
               "channel (:mod:`cgc_refine.alignment`); a model trained with it needs the "
-              "subject's prior at prediction.")
+              "subject's prior at prediction. Leave-one-out on the BraTS dev cases: 0.848 "
+              "without, 0.855 with (benchmarks/RESULTS.md, section 14).")
     cleanup: str = setting(
         "auto", "Label-free clean-up of the prior and of the refined mask, by lesion pattern: "
                 "focal (one mass: tumour, stroke), multifocal (many foci: MS, WMH), auto "
@@ -185,7 +186,8 @@ class RefinerConfig:
         low=0.0, high=1.0,
         notes="The averaged network (decay 1 - 1 / (ema_horizon * iterations); "
               ":mod:`cgc_refine.weight_average`) predicts each round's next targets and the "
-              "output, in place of the last iterate.")
+              "output, in place of the last iterate. The default was fixed before any run; "
+              "measured in benchmarks/RESULTS.md, section 14.")
     tta: int = setting(8, "Flipped copies averaged at inference (test-time augmentation).",
                        choices=(1, 2, 4, 8),
                        notes="1: none; 2: left-right flip; 4: flips of the first two axes; 8: all "
