@@ -49,6 +49,11 @@ def main(out: str) -> None:
               "first_loss": refiner.history_[0]["total"], "samples": refiner.timings_["samples"]}
     with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle)
+    # End as a distributed script should: the ranks leave together and take the process group
+    # down before the interpreter exits (rather than one rank tearing it down from an atexit
+    # hook while the other still saves; a rare abort of gloo at exit was seen that way).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
