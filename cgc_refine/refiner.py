@@ -24,6 +24,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from .alignment import align_subject
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_state,
@@ -32,7 +33,6 @@ from .checkpoint import (
     resume_training,
     write_checkpoint,
 )
-from .alignment import align_subject
 from .cleanup import CleanupSettings, clean_probability
 from .config import ConfigError, RefinerConfig
 from .device import resolve_device, seed_everything

@@ -343,6 +343,9 @@ def test_predict_with_the_subjects_prior_blends_and_guards(trained_model: dict[s
     sidecar = json.loads((tmp_path / SIDECAR_NAME).read_text())
     assert sidecar["inputs"]["prior"] == str(trained_model["truth"].resolve())
     assert sidecar["prior"]["kind"] == "mask" and "guard" in sidecar["refinement"]
+    # the same label-free block as the single-subject job's: the output is the cleaned prior
+    assert sidecar["refinement"]["recipe"]["output_blend"] == "confidence"
+    assert sidecar["refinement"]["dice_with_prior"] > 0.9
     (tmp_path / "plain").mkdir()
     without = run("predict", "--model", trained_model["model"], "--image", trained_model["image"],
                   "-o", tmp_path / "plain", "--save-proba", "--device", "cpu", "-q")

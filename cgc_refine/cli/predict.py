@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..priors import BUILTIN_PRIORS
 from . import dataset
 from .console import ConsoleProgress, say, sub_logging, summary_line, wrote
 from .options import (
@@ -21,7 +22,6 @@ from .options import (
     truth_option,
 )
 from .outputs import resolve_output
-from ..priors import BUILTIN_PRIORS
 
 __all__ = ["predict_command"]
 

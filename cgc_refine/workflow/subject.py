@@ -174,9 +174,16 @@ def _fit_and_predict(
         timings["inference_s"] = time.perf_counter() - tick
     finally:
         progress.close()
-    refinement = refinement_facts(refiner, config, pmap.data, probability, mask)
-    mask, refinement["guard"] = refiner.guard(mask, _guard_reference(refiner, config, pmap, volume, brain))
+    mask, refinement = _guarded(refiner, pmap, probability, mask, volume, brain)
     return refiner, probability, mask, refinement
+
+
+def _guarded(refiner: Any, pmap: Any, probability: Any, mask: Any, volume: Any, brain: Any) -> tuple[Any, dict[str, Any]]:
+    """The label-free facts of a refinement (the sidecar's ``refinement`` block), then the
+    collapse guard on the mask: what both the single-subject job and ``predict --prior`` do."""
+    refinement = refinement_facts(refiner, refiner.config_, pmap.data, probability, mask)
+    mask, refinement["guard"] = refiner.guard(mask, _guard_reference(refiner, refiner.config_, pmap, volume, brain))
+    return mask, refinement
 
 
 def _guard_reference(refiner: Any, config: RefinerConfig, pmap: Any, volume: Any, brain: Any) -> Any:
@@ -347,9 +354,9 @@ def predict_subject(
     finally:
         progress.close()
     timings["inference_s"] = time.perf_counter() - tick
-    guard = None
+    refinement = None
     if pmap is not None:
-        mask, guard = refiner.guard(mask, _guard_reference(refiner, refiner.config_, pmap, volume, brain))
+        mask, refinement = _guarded(refiner, pmap, probability, mask, volume, brain)
     used_threshold = float(refiner.config_.threshold if threshold is None else threshold)
     used_min_size = float(refiner.config_.min_size_mm3 if min_size_mm3 is None else min_size_mm3)
     sidecar = sidecar_record(
@@ -366,7 +373,7 @@ def predict_subject(
         threads=threads, threshold=used_threshold, min_size_mm3=used_min_size,
         config=refiner.config_.to_dict(), timings=timings,
         lesion=_lesion(mask, volume, None if prior_record is None else prior_record["foreground_voxels"]),
-        **({} if pmap is None else {"prior": prior_record, "refinement": {"guard": guard}}),
+        **({} if pmap is None else {"prior": prior_record, "refinement": refinement}),
     )
     report = _report_spec(outputs, refiner.modality, f"lesion mask (model: {Path(model).name})",
                           image_paths[0], {"model": Path(model).name, "modality": refiner.modality,
